@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` (the end-to-end job on the bundled sample)
+# and `make test` (the whole suite). Both create .venv and install the pinned stack first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# the venv's bundled pip (23.x) mis-resolves lxml[html_clean]: upgrade it first
+	$(PY) -m pip install -q --upgrade pip==26.3
+	# torch first, from the CPU wheel, so no dependency can pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/refinery run
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf runs .pytest_cache

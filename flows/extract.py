@@ -1,0 +1,96 @@
+"""The extract flow: every input shard (WARC/WET file, or a folder of HTML) to
+docs/ and rejected/ Parquet, one cached Prefect task per shard."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import faults, progress
+from flows.caching import input_fingerprint, shard_cache_key
+from flows.config import ExtractConfig, RefineryConfig
+from tasks.extract import extract_shard, shard_inputs
+from tasks.io import remove_stale_temporaries, write_text_atomic
+
+
+def shard_name(path: Path, sha: str) -> str:
+    """Readable and collision-free: the file's stem plus the start of its content hash."""
+    stem = re.sub(r"\.(warc|wet|arc)?(\.gz)?$|\.(txt|html?)$", "", path.name, flags=re.I)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "shard"
+    return f"{stem[:60]}-{sha[:10]}"
+
+
+@task(name="extract-shard", cache_key_fn=shard_cache_key, persist_result=True)
+def extract_shard_task(input_path: str, input_sha256: str, out_dir: str, shard_name: str,
+                       config: ExtractConfig) -> dict:
+    log = get_run_logger()
+    faults.maybe_fail("extract-shard")
+    result = asdict(extract_shard(input_path, out_dir, shard_name, config,
+                                  on_progress=progress.reporter(Path(input_path).name)))
+    log.info("%s: %d pages -> %d docs, %d rejected %s in %.1fs", Path(input_path).name, result["pages"],
+             result["docs"], result["rejected"], result["rejected_by_reason"], result["seconds"])
+    return result
+
+
+def _outputs_present(r: dict) -> bool:
+    return Path(r["docs_path"]).is_file() and Path(r["rejected_path"]).is_file()
+
+
+def run_extract(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
+    """Body of the flow, callable from other flows."""
+    log = get_run_logger()
+    out = Path(out_dir)
+    remove_stale_temporaries(out)  # a killed run's half-written files never count as output
+    shards = shard_inputs(inputs)
+    log.info("extract: %d shards from %d inputs", len(shards), len(inputs))
+    runner = config.runner
+    shard_task = extract_shard_task.with_options(retries=runner.task_retries,
+                                                 retry_delay_seconds=runner.retry_delay_s)
+    progress = create_progress_artifact(0.0, key="extract-progress", description="shards extracted (%)")
+    futures = []
+    for p in shards:
+        sha = input_fingerprint(p)
+        futures.append(shard_task.submit(str(p), sha, str(out), shard_name(p, sha), config.extract))
+    results = []
+    for i, (p, fut) in enumerate(zip(shards, futures), 1):
+        r = fut.result()
+        if not _outputs_present(r):  # cached, but someone deleted the files: recompute
+            sha = input_fingerprint(p)
+            r = shard_task.with_options(refresh_cache=True)(str(p), sha, str(out), shard_name(p, sha), config.extract)
+        results.append(r)
+        update_progress_artifact(progress, 100.0 * i / len(shards))
+    summary = summarize(results)
+    write_text_atomic(json.dumps(summary, indent=2), out / "extract_summary.json")
+    create_table_artifact(key="extract-counts", table=count_table(results, summary),
+                          description="Extraction: pages in, documents out, rejections by reason, per shard")
+    return summary
+
+
+def count_table(results: list[dict], summary: dict) -> list[dict]:
+    reasons = list(summary["rejected_by_reason"])
+    rows = [(Path(r["input"]).name, r) for r in results] + [("TOTAL", summary)]
+    return [{"shard": name, "pages": r["pages"], "docs": r["docs"], "rejected": r["rejected"],
+             **{f"rejected: {k}": r["rejected_by_reason"].get(k, 0) for k in reasons}} for name, r in rows]
+
+
+def summarize(results: list[dict]) -> dict:
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r["rejected_by_reason"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    return {"shards": results, "pages": sum(r["pages"] for r in results), "docs": sum(r["docs"] for r in results),
+            "rejected": sum(r["rejected"] for r in results), "rejected_by_reason": dict(sorted(reasons.items()))}
+
+
+@flow(name="extract", log_prints=True)
+def extract_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
+    return run_extract(inputs, out_dir, config or RefineryConfig())
+
+
+def with_concurrency(f, config: RefineryConfig):
+    return f.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.runner.shard_concurrency))

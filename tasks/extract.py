@@ -1,0 +1,245 @@
+"""Extraction: WARC page records -> main text documents (trafilatura), one shard at a time.
+
+`extract_shard` is the whole step as a plain function over one input file; the
+Prefect task in flows/extract.py only adds retries, caching and reporting.
+Pages are parsed in worker processes with a hard per-page deadline (tasks/workers.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+
+from flows.config import ExtractConfig
+from tasks.decode import DecodeError, decode_content, dechunk, to_text
+from tasks.io import write_parquet_atomic
+from tasks.warc import ReadStats, Record, iter_records, looks_like_warc
+from tasks.workers import ItemFailed, borrow_pool
+
+HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xml", "text/xml", "")
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+
+DOC_SCHEMA = pa.schema([
+    ("id", pa.string()),             # sha256(url \0 text)[:32]: stable across runs and machines
+    ("url", pa.string()),
+    ("domain", pa.string()),
+    ("fetch_time", pa.timestamp("s", tz="UTC")),
+    ("title", pa.string()),
+    ("date", pa.string()),           # publication date found by trafilatura, if any
+    ("text", pa.string()),
+    ("n_chars", pa.int64()),
+    ("n_words", pa.int64()),
+    ("source", pa.string()),         # "<file name>@<record offset>"
+    ("charset", pa.string()),
+])
+
+REJECT_SCHEMA = pa.schema([
+    ("url", pa.string()),
+    ("domain", pa.string()),
+    ("fetch_time", pa.timestamp("s", tz="UTC")),
+    ("source", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("n_bytes", pa.int64()),
+])
+
+
+@dataclass
+class ShardResult:
+    input: str
+    docs_path: str
+    rejected_path: str
+    docs: int
+    rejected: int
+    pages: int
+    records: int
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ---- pure helpers ---------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def count_words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def doc_id(url: str, text: str) -> str:
+    return hashlib.sha256(f"{url}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def domain_of(url: str) -> str:
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+    return host[4:] if host.startswith("www.") else host
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc).replace(microsecond=0)
+    except ValueError:
+        return None
+
+
+def extract_html(html: str, url: str, opts: dict) -> dict | None:
+    """Main text and metadata of one page. Runs inside a worker process."""
+    import trafilatura
+
+    doc = trafilatura.bare_extraction(
+        html, url=url or None, with_metadata=True,
+        include_comments=opts["include_comments"], include_tables=opts["include_tables"],
+        favor_precision=opts["favor"] == "precision", favor_recall=opts["favor"] == "recall",
+        deduplicate=opts["deduplicate"],
+    )
+    if doc is None or not doc.text:
+        return None
+    return {"title": doc.title or "", "text": doc.text, "date": doc.date or ""}
+
+
+def payload_to_html(rec: Record, cfg: ExtractConfig) -> tuple[str, str]:
+    """Decode a page record's payload to (html or text, charset). Raises DecodeError."""
+    h = rec.http_headers
+    if rec.status is not None and not 200 <= rec.status < 300:
+        raise DecodeError("http status", str(rec.status))
+    ctype = h.get("content-type", "").split(";")[0].strip().lower()
+    if rec.record_type != "conversion" and ctype not in HTML_TYPES:
+        raise DecodeError("not html", ctype)
+    body = rec.payload
+    if "chunked" in h.get("transfer-encoding", "").lower():
+        body = dechunk(body)
+    body = decode_content(body, h.get("content-encoding"), cfg.max_html_bytes)
+    if rec.record_type != "conversion" and b"\0" in body[:2048] and not body.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DecodeError("not html", "binary payload")  # PDFs and images labelled text/html
+    m = re.search(r"charset\s*=\s*[\"']?([^\s;\"']+)", h.get("content-type", ""), re.I)
+    return to_text(body, m.group(1) if m else None)
+
+
+# ---- page sources ---------------------------------------------------------------------
+
+def html_file_records(paths: list[Path]) -> Iterator[Record]:
+    """Loose HTML files as records, so they go through the same path as WARC pages."""
+    for i, p in enumerate(sorted(paths)):
+        mtime = datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat()
+        yield Record(offset=i, record_type="resource", url=p.resolve().as_uri(), date=mtime,
+                     http_headers={"content-type": "text/html"}, payload=p.read_bytes())
+
+
+def shard_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Each WARC/WET file is a shard; so is each directory of loose HTML files."""
+    shards: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+            warcs = [x for x in files if looks_like_warc(x)]
+            shards.extend(warcs)
+            if any(x.suffix.lower() in HTML_SUFFIXES for x in files):
+                shards.append(p)
+        elif p.is_file():
+            shards.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return list(dict.fromkeys(shards))
+
+
+# ---- the step ---------------------------------------------------------------------------
+
+def _reject(rec: Record, source: str, reason: str, detail: str) -> dict:
+    return {"url": rec.url, "domain": domain_of(rec.url), "fetch_time": parse_time(rec.date),
+            "source": source, "stage": "extract", "reason": reason, "detail": detail[:500],
+            "n_bytes": len(rec.payload)}
+
+
+def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, cfg: ExtractConfig,
+                  on_progress=None) -> ShardResult:
+    """Extract every page of one input into out_dir/docs/<shard>.parquet and
+    out_dir/rejected/<shard>.parquet. Rows are in record order, so the output is
+    byte-identical for the same input and config whatever the worker count."""
+    t0 = time.monotonic()
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    stats = ReadStats()
+    if input_path.is_dir():
+        html = [x for x in input_path.rglob("*") if x.is_file() and x.suffix.lower() in HTML_SUFFIXES]
+        records: Iterator[Record] = html_file_records(html)
+    elif looks_like_warc(input_path):
+        records = iter_records(input_path, stats)
+    elif input_path.suffix.lower() in HTML_SUFFIXES:
+        records = html_file_records([input_path])
+    else:
+        records = iter([])
+        stats.errors["not a warc file"] += 1
+
+    docs: dict[int, dict] = {}
+    rejected: dict[int, dict] = {}
+    meta: dict[int, tuple[Record, str, str]] = {}
+    pages = 0
+    if stats.errors.get("not a warc file"):
+        rejected[0] = {"url": "", "domain": "", "fetch_time": None, "source": input_path.name, "stage": "extract",
+                       "reason": "not a warc file", "detail": "neither WARC/WET nor HTML", "n_bytes": input_path.stat().st_size}
+
+    def jobs():
+        nonlocal pages
+        for rec in records:
+            pages += 1
+            source = f"{input_path.name}@{rec.offset}"
+            key = rec.offset
+            if rec.error:
+                rejected[key] = _reject(rec, source, rec.error, rec.error_detail)
+                continue
+            try:
+                text, charset = payload_to_html(rec, cfg)
+            except DecodeError as e:
+                rejected[key] = _reject(rec, source, e.reason, e.detail)
+                continue
+            if rec.record_type == "conversion":  # WET: text is already extracted
+                docs[key] = _doc(rec, source, {"title": "", "text": text.strip(), "date": ""}, charset)
+                continue
+            meta[key] = (rec, source, charset)
+            yield key, (text, rec.url)
+
+    with borrow_pool("tasks.extract:extract_html", cfg.model_dump(mode="json"), cfg.workers,
+                     cfg.timeout_s, cfg.worker_max_pages) as pool:
+        for key, result in pool.imap_unordered(jobs()):
+            rec, source, charset = meta.pop(key)
+            if isinstance(result, ItemFailed):
+                rejected[key] = _reject(rec, source, result.reason, result.detail)
+            elif result is None:
+                rejected[key] = _reject(rec, source, "no text", "trafilatura found no main text")
+            elif len(result["text"]) < cfg.min_chars:
+                rejected[key] = _reject(rec, source, "too short", f"{len(result['text'])} chars")
+            else:
+                docs[key] = _doc(rec, source, result, charset)
+            if on_progress:
+                on_progress(len(docs) + len(rejected))
+
+    docs_path = out_dir / "docs" / f"{shard_name}.parquet"
+    rej_path = out_dir / "rejected" / f"{shard_name}.parquet"
+    write_parquet_atomic(pa.Table.from_pylist([docs[k] for k in sorted(docs)], schema=DOC_SCHEMA), docs_path)
+    write_parquet_atomic(pa.Table.from_pylist([rejected[k] for k in sorted(rejected)], schema=REJECT_SCHEMA), rej_path)
+    reasons = Counter(r["reason"] for r in rejected.values())
+    return ShardResult(input=str(input_path), docs_path=str(docs_path), rejected_path=str(rej_path),
+                       docs=len(docs), rejected=len(rejected), pages=pages, records=stats.records,
+                       rejected_by_reason=dict(sorted(reasons.items())), seconds=time.monotonic() - t0)
+
+
+def _doc(rec: Record, source: str, result: dict, charset: str) -> dict:
+    text = result["text"]
+    return {"id": doc_id(rec.url, text), "url": rec.url, "domain": domain_of(rec.url),
+            "fetch_time": parse_time(rec.date), "title": result["title"], "date": result["date"],
+            "text": text, "n_chars": len(text), "n_words": count_words(text), "source": source,
+            "charset": charset}
