@@ -26,6 +26,9 @@ from tasks.workers import ItemFailed, borrow_pool
 
 HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xml", "text/xml", "")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+WARMUP_PAGE = ("<html><head><title>t</title><meta name='date' content='2020-01-01'></head><body><article>"
+               + "<p>Warm-up paragraph with enough words to pass every extraction threshold.</p>" * 5
+               + "</article></body></html>")
 
 DOC_SCHEMA = pa.schema([
     ("id", pa.string()),             # sha256(url \0 text)[:32]: stable across runs and machines
@@ -213,7 +216,7 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
             yield key, (text, rec.url)
 
     with borrow_pool("tasks.extract:extract_html", cfg.model_dump(mode="json"), cfg.workers,
-                     cfg.timeout_s, cfg.worker_max_pages) as pool:
+                     cfg.timeout_s, cfg.worker_max_pages, warmup=(WARMUP_PAGE, "https://example.org/")) as pool:
         for key, result in pool.imap_unordered(jobs()):
             rec, source, charset = meta.pop(key)
             if isinstance(result, ItemFailed):

@@ -43,7 +43,12 @@ def _resolve(path: str) -> Callable:
 def _worker_main(fd: int, fn_path: str) -> None:
     conn = Connection(fd)
     fn = _resolve(fn_path)
-    options = conn.recv()
+    options, warmup = conn.recv()
+    if warmup is not None:  # pay lazy initialisation before the first real deadline starts
+        try:
+            fn(*warmup, options)
+        except Exception:  # noqa: BLE001 - a failing warm-up only costs speed
+            pass
     conn.send("ready")  # imports done: deadlines count from here, not from process start
     while True:
         try:
@@ -61,7 +66,7 @@ def _worker_main(fd: int, fn_path: str) -> None:
 
 
 class _Worker:
-    def __init__(self, fn_path: str, options: Any):
+    def __init__(self, fn_path: str, options: Any, warmup: tuple | None = None):
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.workers", str(theirs.fileno()), fn_path],
@@ -69,7 +74,7 @@ class _Worker:
         )
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send(options)
+        self.conn.send((options, warmup))
         self.ready = False
         self.key: Any = None
         self.deadline = 0.0
@@ -101,8 +106,8 @@ class TimeoutPool:
     as fn(*args, options) in a worker. One caller at a time; see `borrow_pool`."""
 
     def __init__(self, fn_path: str, options: Any, workers: int = 1, timeout_s: float = 30.0,
-                 max_items_per_worker: int = 2000):
-        self.fn_path, self.options = fn_path, options
+                 max_items_per_worker: int = 2000, warmup: tuple | None = None):
+        self.fn_path, self.options, self.warmup = fn_path, options, warmup
         self.n, self.timeout_s, self.max_items = workers, timeout_s, max_items_per_worker
         self.idle: list[_Worker] = []
         self.restarts = 0
@@ -112,7 +117,7 @@ class TimeoutPool:
         is in flight, so memory stays flat whatever the input size."""
         it = iter(items)
         while len(self.idle) < self.n:
-            self.idle.append(_Worker(self.fn_path, self.options))
+            self.idle.append(_Worker(self.fn_path, self.options, self.warmup))
         idle, busy = self.idle, {}
         exhausted = False
         try:
@@ -166,7 +171,7 @@ class TimeoutPool:
 
     def _replace(self) -> _Worker:
         self.restarts += 1
-        return _Worker(self.fn_path, self.options)
+        return _Worker(self.fn_path, self.options, self.warmup)
 
     def close(self) -> None:
         while self.idle:
@@ -179,12 +184,12 @@ _free: dict[str, list[TimeoutPool]] = {}
 
 @contextmanager
 def borrow_pool(fn_path: str, options: Any, workers: int, timeout_s: float,
-                max_items_per_worker: int = 2000) -> Iterator[TimeoutPool]:
+                max_items_per_worker: int = 2000, warmup: tuple | None = None) -> Iterator[TimeoutPool]:
     """A warm pool for exclusive use; returned for reuse by the next shard."""
     key = json.dumps([fn_path, options, workers, timeout_s, max_items_per_worker], sort_keys=True, default=str)
     with _lock:
         pool = _free.get(key, []).pop() if _free.get(key) else None
-    pool = pool or TimeoutPool(fn_path, options, workers, timeout_s, max_items_per_worker)
+    pool = pool or TimeoutPool(fn_path, options, workers, timeout_s, max_items_per_worker, warmup)
     try:
         yield pool
     except BaseException:
