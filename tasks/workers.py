@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
@@ -113,17 +114,18 @@ class TimeoutPool:
         self.restarts = 0
 
     def imap_unordered(self, items: Iterable[tuple[Any, tuple]]) -> Iterator[tuple[Any, Any]]:
-        """Yield (key, result or ItemFailed) as items finish; at most one item per worker
-        is in flight, so memory stays flat whatever the input size."""
+        """Yield (key, result or ItemFailed) as items finish. At most one item per worker is
+        in flight and one more per worker prepared, so memory stays flat whatever the input."""
         it = iter(items)
         while len(self.idle) < self.n:
             self.idle.append(_Worker(self.fn_path, self.options, self.warmup))
         idle, busy = self.idle, {}
-        exhausted = False
+        ready: deque = deque()  # items prepared while workers are busy: the parent's reading and
+        exhausted = False        # decoding overlaps the workers' parsing instead of alternating
         try:
             while True:
-                while idle and not exhausted:
-                    nxt = next(it, None)
+                while idle and (ready or not exhausted):
+                    nxt = ready.popleft() if ready else next(it, None)
                     if nxt is None:
                         exhausted = True
                         break
@@ -138,7 +140,17 @@ class TimeoutPool:
                         yield nxt[0], ItemFailed("worker error", f"worker unavailable: {e}")
                         continue
                     busy[w.conn] = w
+                if busy and not exhausted and len(ready) < self.n:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        ready.append(nxt)
+                    if not wait(list(busy), timeout=0) and not exhausted and len(ready) < self.n:
+                        continue  # nothing finished yet: prepare another item
                 if not busy:
+                    if ready:
+                        continue
                     return
                 timeout = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
                 for conn in wait(list(busy), timeout=timeout):
