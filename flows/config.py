@@ -55,6 +55,139 @@ class ExtractConfig(_Model):
     worker_max_pages: int = Field(2000, ge=1, description="recycle a worker after this many pages (bounds memory)")
 
 
+SAMPLE = Path(__file__).resolve().parent.parent / "sample"
+
+
+class LangIdConfig(_Model):
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep")
+    min_score: float = Field(0.65, ge=0, le=1, description="FineWeb/DCLM keep English at >= 0.65")
+    backend: Literal["py3langid", "fasttext"] = "py3langid"
+    model_path: str | None = Field(None, description="a fastText lid.176.bin / lid.218e.bin you provide")
+
+
+class GopherQualityConfig(_Model):
+    # Rae et al. 2021 (MassiveText), Appendix A.1; the same values as DataTrove's GopherQualityFilter
+    enabled: bool = True
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="'#' and '...' per word")
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0, description="of: the, be, to, of, and, that, have, with")
+
+
+class GopherRepetitionConfig(_Model):
+    # Rae et al. 2021, Table A1
+    enabled: bool = True
+    dup_line_frac: float = 0.30
+    dup_para_frac: float = 0.30
+    dup_line_char_frac: float = 0.20
+    dup_para_char_frac: float = 0.20
+    top_ngram_char_frac: dict[int, float] = Field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    dup_ngram_char_frac: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+
+
+class C4Config(_Model):
+    # Raffel et al. 2020, Sec. 2.2; line rules edit the text, page rules reject it
+    enabled: bool = True
+    drop_lines_without_terminal_punct: bool = Field(
+        False, description="the paper's rule; FineWeb turns it off as too aggressive for web text")
+    min_words_per_line: int = Field(5, ge=0, description="shorter lines are removed (C4: 5; FineWeb keeps 3)")
+    min_sentences: int = Field(3, ge=0, description="pages with fewer sentences are rejected")
+    drop_javascript_lines: bool = True
+    drop_policy_lines: bool = True
+    reject_lorem_ipsum: bool = True
+    reject_curly_braces: bool = True
+    max_word_length: int = Field(1000, ge=1, description="lines with a longer word are removed")
+
+
+class FineWebConfig(_Model):
+    # Penedo et al. 2024, FineWeb's custom filters
+    enabled: bool = True
+    min_line_punct_ratio: float = Field(0.12, ge=0, le=1)
+    max_short_line_ratio: float = Field(0.67, ge=0, le=1, description="lines under short_line_chars")
+    short_line_chars: int = 30
+    max_dup_line_char_ratio: float = Field(0.01, ge=0, le=1)
+    max_newline_word_ratio: float = Field(0.3, ge=0, description="list-like pages: newlines per word")
+
+
+class RulesConfig(_Model):
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+
+
+class DedupConfig(_Model):
+    exact: bool = True
+    url: bool = True
+    minhash: bool = True
+    shingle_words: int = Field(5, ge=1, description="FineWeb: 5-word shingles")
+    bands: int = Field(14, ge=1, description="FineWeb: 14 bands x 8 rows = 112 hashes")
+    rows: int = Field(8, ge=1)
+    seed: int = 1
+    partitions: int = Field(16, ge=1, description="hash partitions of the reduce: each fits in RAM alone")
+
+
+class QualityConfig(_Model):
+    target_keep_ratio: float = Field(0.02, gt=0, le=1, description="kept words / extracted words after all stages")
+    model_path: str | None = Field(None, description="a trained fastText .bin; else one is trained")
+    reference: list[str] = Field(default_factory=lambda: [str(SAMPLE / "curation" / "reference")],
+                                 description="positives: .txt / .jsonl / .parquet files or folders")
+    max_negatives: int = Field(20_000, ge=10, description="crawl documents sampled as negatives")
+    chunk_words: int = Field(200, ge=10, description="reference text is cut into chunks of about this size")
+    epoch: int = Field(10, ge=1)
+    lr: float = Field(0.3, gt=0)
+    word_ngrams: int = Field(2, ge=1)
+    dim: int = Field(64, ge=2)
+    bucket: int = Field(200_000, ge=1000, description="small bucket keeps the model a few MB")
+    seed: int = 0
+
+
+class ToxicityConfig(_Model):
+    model_path: str | None = None
+    training_data: str = Field(str(SAMPLE / "curation" / "toxicity" / "labeled_data.csv"),
+                               description="CSV/JSONL with a text column and a label column")
+    text_column: str = "tweet"
+    label_column: str = "class"
+    toxic_labels: list[str] = Field(default_factory=lambda: ["0", "1"],
+                                    description="Davidson et al.: 0 hate speech, 1 offensive, 2 neither")
+    max_score: float = Field(0.9, gt=0, le=1, description="drop if any sentence scores above this")
+    max_mean_score: float = Field(0.5, gt=0, le=1, description="drop if the mean sentence score is above this")
+    wordlist: str = Field(str(SAMPLE / "curation" / "wordlists" / "en"), description="LDNOOBW-format list")
+    max_wordlist_ratio: float = Field(0.01, ge=0, le=1, description="matched words / words (C4 drops any match)")
+    epoch: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class PiiConfig(_Model):
+    enabled: bool = True
+    email: bool = True
+    phone: bool = True
+    ip: bool = True
+
+
+class BiasConfig(_Model):
+    groups_file: str = Field(str(SAMPLE.parent / "tasks" / "bias_groups.yaml"))
+    disparity_ratio: float = Field(1.5, gt=1, description="flag groups removed this many times the overall rate")
+    min_mentions: int = Field(5, ge=1, description="groups with fewer mentions are reported, not flagged")
+
+
+class CurateConfig(_Model):
+    """Token counts everywhere in curation are words (`\\w+`, as `n_words` in extraction)."""
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    bias: BiasConfig = Field(default_factory=BiasConfig)
+
+
 class RunnerConfig(_Model):
     task_retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -64,6 +197,7 @@ class RunnerConfig(_Model):
 class RefineryConfig(_Model):
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("*", mode="before")

@@ -1,0 +1,228 @@
+"""The curate flow: extracted documents (or WARC files) to the kept corpus, with the funnel.
+
+Three shard-parallel map phases around two corpus-wide reduces (see tasks/curate.py):
+filter -> dedup reduce -> score -> threshold reduce -> select. Every map task is cached on
+its inputs' content hashes, the curation config and the code, so a rerun finishes from
+cache and a killed run resumes after its last finished shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows import faults
+from flows.caching import input_fingerprint, shard_cache_key
+from flows.config import CurateConfig, RefineryConfig
+from flows.extract import run_extract
+from tasks import curate as steps
+from tasks.extract import shard_inputs
+from tasks.funnel import build_funnel, funnel_table, merge_stats, plot_funnel, plot_scores
+from tasks.io import file_sha256, remove_stale_temporaries, write_text_atomic
+
+
+def _combine(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+# ---- tasks: thin wrappers over tasks/curate.py ------------------------------------------------
+
+@task(name="curate-filter", cache_key_fn=shard_cache_key, persist_result=True)
+def filter_task(docs_path: str, input_sha256: str, out_dir: str, shard_name: str, config: CurateConfig) -> dict:
+    faults.maybe_fail("curate-filter")
+    return steps.filter_shard(docs_path, shard_name, Path(out_dir) / "work", config)
+
+
+@task(name="dedup-reduce", cache_key_fn=shard_cache_key, persist_result=True)
+def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
+    from tasks.dedup import find_duplicates
+    from tasks.io import write_parquet_atomic
+
+    work = Path(out_dir) / "work"
+    drops = find_duplicates(signature_files, config.dedup, work / "dedup")
+    path = write_parquet_atomic(drops, work / "dedup_drops.parquet")
+    return {"path": str(path), "sha256": file_sha256(path), "dropped": drops.num_rows}
+
+
+@task(name="train-quality", cache_key_fn=shard_cache_key, persist_result=True)
+def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
+    from tasks.quality import load_reference, train_quality
+
+    q = config.quality
+    positives = load_reference(q.reference, q.chunk_words)
+    negatives = sample_negatives(docs_paths, q.max_negatives)
+    path = Path(out_dir) / "models" / "quality.bin"
+    metrics = train_quality(positives, negatives, q, path)
+    return {"path": str(path), "sha256": file_sha256(path), **metrics}
+
+
+@task(name="train-toxicity", cache_key_fn=shard_cache_key, persist_result=True)
+def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
+    from tasks.toxicity import load_labeled, train_toxicity
+
+    t = config.toxicity
+    texts, labels = load_labeled(data_path, t.text_column, t.label_column, t.toxic_labels)
+    path = Path(out_dir) / "models" / "toxicity.bin"
+    metrics = train_toxicity(texts, labels, t, path)
+    return {"path": str(path), "sha256": file_sha256(path), **metrics}
+
+
+@task(name="curate-score", cache_key_fn=shard_cache_key, persist_result=True)
+def score_task(shard_name: str, input_sha256: str, out_dir: str, drops_path: str, quality_model: str,
+               toxicity_model: str, config: CurateConfig) -> dict:
+    return steps.score_shard(shard_name, Path(out_dir) / "work", drops_path, quality_model, toxicity_model, config)
+
+
+@task(name="curate-select", cache_key_fn=shard_cache_key, persist_result=True)
+def select_task(shard_name: str, input_sha256: str, out_dir: str, threshold: float, config: CurateConfig) -> dict:
+    return steps.select_shard(shard_name, Path(out_dir) / "work", Path(out_dir), threshold)
+
+
+def sample_negatives(docs_paths: list[str], n: int) -> list[str]:
+    """A deterministic sample of crawl documents: the n with the smallest hash of their id."""
+    keyed = []
+    for p in docs_paths:
+        ids = pq.read_table(p, columns=["id"])["id"].to_pylist()
+        keyed += [(hashlib.sha256(i.encode()).hexdigest(), p, r) for r, i in enumerate(ids)]
+    keyed.sort()
+    chosen: dict[str, set[int]] = {}
+    for _, p, r in keyed[:n]:
+        chosen.setdefault(p, set()).add(r)
+    texts = []
+    for p, rows in sorted(chosen.items()):
+        col = pq.read_table(p, columns=["text"])["text"].to_pylist()
+        texts += [col[r] for r in sorted(rows)]
+    return texts
+
+
+# ---- the flow -----------------------------------------------------------------------------------
+
+def docs_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Split inputs into extracted-docs Parquet files and raw inputs that need extraction."""
+    docs, raw = [], []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir() and (p / "docs").is_dir() and list((p / "docs").glob("*.parquet")):
+            docs += sorted((p / "docs").glob("*.parquet"))
+        elif p.is_dir() and list(p.glob("*.parquet")):
+            docs += sorted(p.glob("*.parquet"))
+        elif p.suffix == ".parquet":
+            docs.append(p)
+        else:
+            raw.append(s)
+    return docs, raw
+
+
+def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
+    log = get_run_logger()
+    out = Path(out_dir)
+    remove_stale_temporaries(out)
+    cfg, runner = config.curate, config.runner
+    opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
+    docs, raw = docs_inputs(inputs)
+    extract = None
+    if raw:
+        shard_inputs(raw)  # fail fast on a missing path
+        extract = run_extract(raw, str(out / "extract"), config)
+        docs += sorted((out / "extract" / "docs").glob("*.parquet"))
+    if not docs:
+        raise ValueError("curate: no documents found in the inputs")
+    shas = {p: file_sha256(p) for p in docs}
+    names = {p: f"{p.stem}-{shas[p][:8]}" for p in docs}
+    log.info("curate: %d shards", len(docs))
+
+    # phase 1: filter (map) + dedup (reduce)
+    f_futs = [filter_task.with_options(**opts).submit(str(p), shas[p], str(out), names[p], cfg) for p in docs]
+    filtered = [f.result() for f in f_futs]
+    sig_files = [str(out / "work" / "signatures" / f"{names[p]}.parquet") for p in docs]
+    dedup = dedup_task.with_options(**opts)(sig_files, _combine(*[file_sha256(s) for s in sig_files]), str(out), cfg)
+
+    # the classifiers: the user's models, or trained here (cached)
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if cfg.quality.model_path:
+        qmodel = {"path": str(shutil.copyfile(cfg.quality.model_path, models / "quality.bin")), "trained": False}
+    else:
+        ref_sha = _combine(*[input_fingerprint(r) for r in cfg.quality.reference], *shas.values())
+        qmodel = train_quality_task.with_options(**opts)([str(p) for p in docs], ref_sha, str(out), cfg)
+    if cfg.toxicity.model_path:
+        tmodel = {"path": str(shutil.copyfile(cfg.toxicity.model_path, models / "toxicity.bin")), "trained": False}
+    else:
+        tmodel = train_toxicity_task.with_options(**opts)(cfg.toxicity.training_data,
+                                                          file_sha256(cfg.toxicity.training_data), str(out), cfg)
+    model_sha = _combine(file_sha256(qmodel["path"]), file_sha256(tmodel["path"]), dedup["sha256"])
+
+    # phase 2: score (map) + threshold (reduce)
+    s_futs = []
+    for p in docs:
+        fsha = file_sha256(out / "work" / "filtered" / f"{names[p]}.parquet")
+        s_futs.append(score_task.with_options(**opts).submit(names[p], _combine(fsha, model_sha), str(out),
+                                                              dedup["path"], qmodel["path"], tmodel["path"], cfg))
+    scored = [f.result() for f in s_futs]
+    extracted_docs = sum(f["input_docs"] for f in filtered)
+    extracted_tokens = sum(f["input_tokens"] for f in filtered)
+    scored_paths = [str(out / "work" / "scored" / f"{names[p]}.parquet") for p in docs]
+    threshold = steps.choose_threshold(scored_paths, extracted_tokens, cfg.quality.target_keep_ratio)
+
+    # phase 3: select (map)
+    sel_futs = []
+    for p, sp in zip(docs, scored_paths):
+        key = _combine(file_sha256(sp), repr(threshold["threshold"]))
+        sel_futs.append(select_task.with_options(**opts).submit(names[p], key, str(out), threshold["threshold"], cfg))
+    selected = [f.result() for f in sel_futs]
+
+    funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.STAGES),
+                          extracted_docs, extracted_tokens, threshold)
+    funnel["models"] = {"quality": qmodel, "toxicity": tmodel}
+    report(out, funnel, filtered, selected, scored_paths, cfg)
+    return funnel
+
+
+def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], scored_paths: list[str],
+           cfg: CurateConfig) -> None:
+    from tasks.bias import audit, plot_audit
+
+    write_text_atomic(steps.dump(funnel), out / "funnel.json")
+    plot_funnel(funnel, out / "funnel.png")
+    plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], out / "scores.png")
+    before, after = {}, {}
+    for f in filtered:
+        for g, n in f["input_groups"].items():
+            before[g] = before.get(g, 0) + n
+    for s in selected:
+        for g, n in s["kept_groups"].items():
+            after[g] = after.get(g, 0) + n
+    bias = audit(before, after, funnel["extracted"]["docs"], funnel["kept"]["docs"], cfg.bias)
+    write_text_atomic(steps.dump(bias), out / "bias.json")
+    plot_audit(bias, out / "bias.png")
+
+    create_table_artifact(key="curation-funnel", table=funnel_table(funnel),
+                          description="Curation funnel: documents and tokens (words) per stage")
+    create_markdown_artifact(key="curation-summary", markdown=summary_markdown(out, funnel, bias),
+                             description="Curation summary, bias audit and sample documents")
+
+
+def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
+    lines = [f"# Curation of {funnel['extracted']['docs']} documents",
+             f"Kept **{funnel['kept']['docs']} documents, {funnel['kept']['tokens']} tokens** "
+             f"= **{funnel['kept_token_ratio']:.2%}** of extracted tokens "
+             f"(target {funnel['target_keep_ratio']:.2%}; tokens are words).", ""]
+    if funnel.get("warning"):
+        lines += [f"> **Warning:** {funnel['warning']}", ""]
+    lines += ["| stage | docs in | docs out | tokens out | top drops |", "|---|---:|---:|---:|---|"]
+    for r in funnel_table(funnel):
+        lines.append(f"| {r['stage']} | {r['docs in']} | {r['docs out']} | {r['tokens out']} | {r['top drops']} |")
+    flagged = [g for g, r in bias.get("groups", {}).items() if r.get("flagged")]
+    lines += ["", f"Bias audit: {'flagged ' + ', '.join(flagged) if flagged else 'no group flagged'} "
+              f"(see bias.json)", "", f"Outputs: `{out}/docs`, `{out}/rejected`, `{out}/funnel.json`"]
+    return "\n".join(lines)
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
+    return run_curate(inputs, out_dir, config or RefineryConfig())
