@@ -46,3 +46,24 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
              str(Path(parameters["out_dir"]).resolve()), parameters.get("shard_name", ""),
              code_version("tasks", "flows")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def outputs_present(result: dict) -> bool:
+    """A cached result is only as good as its files: all of `result['outputs']` must exist."""
+    return all(Path(p).is_file() for p in result.get("outputs", []))
+
+
+def map_shards(task, arg_lists: list[tuple], on_result=None, **options) -> list[dict]:
+    """Submit one task run per argument tuple and gather results in order. A result served
+    from cache whose output files are gone (a deleted output folder) is recomputed."""
+    t = task.with_options(**options)
+    futures = [t.submit(*args) for args in arg_lists]
+    results = []
+    for args, fut in zip(arg_lists, futures):
+        r = fut.result()
+        if not outputs_present(r):
+            r = t.with_options(refresh_cache=True)(*args)
+        results.append(r)
+        if on_result:
+            on_result(len(results), len(arg_lists))
+    return results

@@ -47,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, dest="timeout_s", help="per-page limit in seconds")
     _common(p)
 
+    p = sub.add_parser("curate", help="language ID, rules, dedup, toxicity, PII, quality: keep the best tokens")
+    p.add_argument("inputs", nargs="+", help="WARC/WET files or folders, or extracted docs (folders of Parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target-keep-ratio", type=float, dest="target_keep_ratio",
+                   help="kept tokens / extracted tokens (default 0.02)")
+    p.add_argument("--reference", action="append", help="domain text for the quality classifier's positives")
+    p.add_argument("--quality-model", dest="quality_model_path", help="a trained fastText quality .bin")
+    p.add_argument("--toxicity-model", dest="toxicity_model_path", help="a trained fastText toxicity .bin")
+    _common(p)
+
+    p = sub.add_parser("score", help="score texts (JSONL with a text field) with a quality or toxicity model")
+    p.add_argument("kind", choices=["quality", "toxicity"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="JSONL, one object with 'text' per line")
+    p.add_argument("--out", required=True, help="Parquet with the input fields plus the scores")
+    _common(p)
+
     p = sub.add_parser("run", help="the end-to-end job (bundled real sample by default)")
     p.add_argument("--out", default="runs/sample")
     p.add_argument("--inputs", nargs="*", help="WARC files or folders instead of the bundled sample")
@@ -60,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     flags = {"allow_private_hosts": "crawl", "follow_links": "crawl", "max_depth": "crawl", "max_pages": "crawl",
-             "per_host_delay_s": "crawl", "user_agent": "crawl", "workers": "extract", "timeout_s": "extract"}
+             "per_host_delay_s": "crawl", "user_agent": "crawl", "workers": "extract", "timeout_s": "extract",
+             "target_keep_ratio": "curate.quality", "reference": "curate.quality",
+             "quality_model_path": "curate.quality", "toxicity_model_path": "curate.toxicity"}
     out = list(args.set)
     for name, section in flags.items():
         v = getattr(args, name, None)
         if v not in (None, False):
-            out.append(f"{section}.{name}={json.dumps(v)}")
+            field = "model_path" if name.endswith("_model_path") else name
+            out.append(f"{section}.{field}={json.dumps(v)}")
     return out
 
 
@@ -78,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "score":
+        from tasks.score import score_file
+
+        try:
+            print(json.dumps(score_file(args.kind, args.model, args.input, args.out), indent=2))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"refinery: {e}", file=sys.stderr)
+            return 2
         return 0
 
     from flows import progress  # Prefect imports are slow; only pay for them when working
@@ -97,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
     from flows.crawl import crawl_flow
+    from flows.curate import curate_flow
     from flows.extract import extract_flow, with_concurrency
     from flows.pipeline import run_flow
 
@@ -105,6 +135,10 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
     if args.command == "extract":
         summary = with_concurrency(extract_flow, cfg)(args.inputs, args.out, cfg)
         return {k: v for k, v in summary.items() if k != "shards"}
+    if args.command == "curate":
+        funnel = with_concurrency(curate_flow, cfg)(args.inputs, args.out, cfg)
+        return {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")} | (
+            {"warning": funnel["warning"]} if "warning" in funnel else {})
     return with_concurrency(run_flow, cfg)(args.out, args.inputs, not args.no_crawl_demo, cfg)
 
 

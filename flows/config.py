@@ -143,8 +143,8 @@ class QualityConfig(_Model):
     epoch: int = Field(10, ge=1)
     lr: float = Field(0.3, gt=0)
     word_ngrams: int = Field(2, ge=1)
-    dim: int = Field(64, ge=2)
-    bucket: int = Field(200_000, ge=1000, description="small bucket keeps the model a few MB")
+    dim: int = Field(16, ge=2, description="16 keeps the model ~15 MB at the same AUC as 64 (58 MB)")
+    bucket: int = Field(200_000, ge=1000, description="hashed n-gram rows: bucket x dim x 4 bytes of model")
     seed: int = 0
 
 

@@ -12,7 +12,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import faults, progress
-from flows.caching import input_fingerprint, shard_cache_key
+from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import ExtractConfig, RefineryConfig
 from tasks.extract import extract_shard, shard_inputs
 from tasks.io import remove_stale_temporaries, write_text_atomic
@@ -32,13 +32,10 @@ def extract_shard_task(input_path: str, input_sha256: str, out_dir: str, shard_n
     faults.maybe_fail("extract-shard")
     result = asdict(extract_shard(input_path, out_dir, shard_name, config,
                                   on_progress=progress.reporter(Path(input_path).name)))
+    result["outputs"] = [result["docs_path"], result["rejected_path"]]
     log.info("%s: %d pages -> %d docs, %d rejected %s in %.1fs", Path(input_path).name, result["pages"],
              result["docs"], result["rejected"], result["rejected_by_reason"], result["seconds"])
     return result
-
-
-def _outputs_present(r: dict) -> bool:
-    return Path(r["docs_path"]).is_file() and Path(r["rejected_path"]).is_file()
 
 
 def run_extract(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
@@ -49,21 +46,14 @@ def run_extract(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict
     shards = shard_inputs(inputs)
     log.info("extract: %d shards from %d inputs", len(shards), len(inputs))
     runner = config.runner
-    shard_task = extract_shard_task.with_options(retries=runner.task_retries,
-                                                 retry_delay_seconds=runner.retry_delay_s)
     progress = create_progress_artifact(0.0, key="extract-progress", description="shards extracted (%)")
-    futures = []
+    args = []
     for p in shards:
         sha = input_fingerprint(p)
-        futures.append(shard_task.submit(str(p), sha, str(out), shard_name(p, sha), config.extract))
-    results = []
-    for i, (p, fut) in enumerate(zip(shards, futures), 1):
-        r = fut.result()
-        if not _outputs_present(r):  # cached, but someone deleted the files: recompute
-            sha = input_fingerprint(p)
-            r = shard_task.with_options(refresh_cache=True)(str(p), sha, str(out), shard_name(p, sha), config.extract)
-        results.append(r)
-        update_progress_artifact(progress, 100.0 * i / len(shards))
+        args.append((str(p), sha, str(out), shard_name(p, sha), config.extract))
+    results = map_shards(extract_shard_task, args, retries=runner.task_retries,
+                         retry_delay_seconds=runner.retry_delay_s,
+                         on_result=lambda i, n: update_progress_artifact(progress, 100.0 * i / n))
     summary = summarize(results)
     write_text_atomic(json.dumps(summary, indent=2), out / "extract_summary.json")
     create_table_artifact(key="extract-counts", table=count_table(results, summary),

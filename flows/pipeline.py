@@ -1,6 +1,6 @@
 """`refinery run`: the end-to-end job on the bundled real sample.
 
-Today it goes crawl -> extract; curation, sharding and training join as they land.
+Today it goes crawl -> extract -> curate; sharding and training join as they land.
 The crawl half is a demo of the real crawler: the bundled pages are served from
 sample/pages.warc.gz on 127.0.0.1 (so private hosts are allowed for this run only),
 crawled politely into WARC, then extracted together with the bundled real WARCs.
@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import RefineryConfig
 from flows.crawl import run_crawl
+from flows.curate import run_curate
 from flows.extract import run_extract
 from tasks.serve_warc import serve_pages
 
@@ -37,5 +38,8 @@ def run_flow(out_dir: str = "runs/sample", inputs: list[str] | None = None, craw
             crawl = run_crawl(urls + [f"{base}/private/never-fetched.html"], str(out / "crawl"), demo_cfg)
         inputs.append(str(out / "crawl" / "warc"))
     extract = run_extract(inputs, str(out / "extract"), cfg)
-    log.info("done: %d pages -> %d documents in %s", extract["pages"], extract["docs"], out / "extract" / "docs")
-    return {"crawl": crawl, "extract": {k: v for k, v in extract.items() if k != "shards"}}
+    funnel = run_curate([str(out / "extract")], str(out / "curate"), cfg)
+    log.info("done: %d pages -> %d documents -> kept %d (%.2f%% of tokens) in %s", extract["pages"],
+             extract["docs"], funnel["kept"]["docs"], 100 * funnel["kept_token_ratio"], out / "curate" / "docs")
+    return {"crawl": crawl, "extract": {k: v for k, v in extract.items() if k != "shards"},
+            "curate": {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")}}

@@ -122,7 +122,9 @@ def filter_shard(docs_path: str, shard: str, work: Path, cfg: CurateConfig) -> d
     sig = signatures(table.select(["id", "url", "text", "n_words"]), shard, cfg.dedup)
     write_parquet_atomic(sig, work / "signatures" / f"{shard}.parquet")
     return {"shard": shard, "stats": stats, "input_docs": before["docs"], "input_tokens": before["tokens"],
-            "input_groups": dict(before["groups"])}
+            "input_groups": dict(before["groups"]),
+            "outputs": [str(work / d / f"{shard}{x}.parquet") for d, x in
+                        (("filtered", ""), ("rejected", "-filter"), ("signatures", ""))]}
 
 
 def _kept_schema(docs_path: str) -> pa.Schema:
@@ -181,7 +183,8 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
     write_parquet_atomic(pa.Table.from_pylist(scored) if scored else _empty_scored(table.schema),
                          work / "scored" / f"{shard}.parquet")
     write_parquet_atomic(reject_table(rejected), work / "rejected" / f"{shard}-score.parquet")
-    return {"shard": shard, "stats": stats}
+    return {"shard": shard, "stats": stats, "outputs": [str(work / "scored" / f"{shard}.parquet"),
+                                                         str(work / "rejected" / f"{shard}-score.parquet")]}
 
 
 def _empty_scored(schema: pa.Schema) -> pa.Table:
@@ -246,7 +249,8 @@ def select_shard(shard: str, work: Path, out: Path, threshold: float) -> dict:
     kept_groups = Counter(g for gs in kept["groups"].to_pylist() for g in gs) if kept.num_rows else Counter()
     return {"shard": shard, "stats": stats, "kept_docs": kept.num_rows,
             "kept_tokens": int(pc.sum(kept["n_words"]).as_py() or 0) if kept.num_rows else 0,
-            "kept_groups": dict(kept_groups)}
+            "kept_groups": dict(kept_groups),
+            "outputs": [str(out / "docs" / f"{shard}.parquet"), str(out / "rejected" / f"{shard}.parquet")]}
 
 
 def dump(obj: dict) -> str:

@@ -61,3 +61,25 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
     ex = result["extract"]
     assert docs == ex["docs"] > 80 and rej == ex["rejected"] and ex["pages"] == docs + rej
     assert ex["rejected_by_reason"]["truncated payload"] == 1
+
+    # curation ran on the extracted documents: funnel, models, and the scorer on a user's own JSONL
+    cur = out / "curate"
+    funnel = json.loads((cur / "funnel.json").read_text())
+    assert funnel["extracted"]["docs"] == docs and result["curate"]["kept"]["docs"] == funnel["kept"]["docs"]
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "The committee approved the annual budget after a long debate.",
+                                 "id": 1}) + "\n" + json.dumps({"text": "click here buy now cheap!!!", "id": 2}) + "\n")
+    for kind in ("quality", "toxicity"):
+        scored = tmp_path / f"{kind}.parquet"
+        p = subprocess.run(REFINERY + ["score", kind, "--model", str(cur / "models" / f"{kind}.bin"),
+                                       "--input", str(texts), "--out", str(scored)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        rows = pq.read_table(scored).to_pylist()
+        assert [r["id"] for r in rows] == [1, 2] and all(0 <= r[f"{kind}_score"] <= 1 for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"no_text": 1}\n')
+    p = subprocess.run(REFINERY + ["score", "quality", "--model", str(cur / "models" / "quality.bin"),
+                                   "--input", str(bad), "--out", str(tmp_path / "x.parquet")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and "bad.jsonl:1" in p.stderr
