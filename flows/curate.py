@@ -198,7 +198,12 @@ def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], 
     for s in selected:
         for g, n in s["kept_groups"].items():
             after[g] = after.get(g, 0) + n
-    bias = audit(before, after, funnel["extracted"]["docs"], funnel["kept"]["docs"], cfg.bias)
+    by_stage: dict[str, dict[str, int]] = {}
+    for s in selected:
+        for stage, c in s.get("removed_groups", {}).items():
+            for g, n in c.items():
+                by_stage.setdefault(stage, {})[g] = by_stage.setdefault(stage, {}).get(g, 0) + n
+    bias = audit(before, after, funnel["extracted"]["docs"], funnel["kept"]["docs"], cfg.bias, stages=by_stage)
     write_text_atomic(steps.dump(bias), out / "bias.json")
     plot_audit(bias, out / "bias.png")
 
@@ -219,8 +224,19 @@ def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
     for r in funnel_table(funnel):
         lines.append(f"| {r['stage']} | {r['docs in']} | {r['docs out']} | {r['tokens out']} | {r['top drops']} |")
     flagged = [g for g, r in bias.get("groups", {}).items() if r.get("flagged")]
-    lines += ["", f"Bias audit: {'flagged ' + ', '.join(flagged) if flagged else 'no group flagged'} "
-              f"(see bias.json)", "", f"Outputs: `{out}/docs`, `{out}/rejected`, `{out}/funnel.json`"]
+    lines += ["", f"## Bias audit: {'flagged ' + ', '.join(flagged) if flagged else 'no group flagged'}",
+              f"Overall removal rate {bias['overall']['removal_rate'] or 0:.1%}; a group is flagged when its "
+              f"documents are removed >= {bias['disparity_ratio']}x as often.", "",
+              "| group | docs before | docs after | removal rate | ratio | most disparate stage |",
+              "|---|---:|---:|---:|---:|---|"]
+    for g, r in bias.get("groups", {}).items():
+        ratios = {s: v for s, v in (r.get("stage_ratio") or {}).items() if v is not None}
+        worst = max(ratios, key=ratios.get) if ratios else None
+        rate = "-" if r["removal_rate"] is None else f"{r['removal_rate']:.1%}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {g}{' ⚠' if r['flagged'] else ''} | {r['mentions_before']} | {r['mentions_after']} | "
+                     f"{rate} | {ratio} | {f'{worst} ({ratios[worst]:.2f}x)' if worst else '-'} |")
+    lines += ["", f"Outputs: `{out}/docs`, `{out}/rejected`, `{out}/funnel.json`, `{out}/bias.json`"]
     return "\n".join(lines)
 
 

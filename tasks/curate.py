@@ -201,8 +201,8 @@ def choose_threshold(scored_paths: list[str], extracted_tokens: int, target_rati
     """The token-weighted score quantile that keeps `target_ratio` of the extracted tokens.
 
     Documents are ranked by quality score; the threshold is the score of the document at
-    which the running sum of words reaches the target. Ties at the threshold are kept whole,
-    so the achieved ratio can sit a little above the target, never below it by choice.
+    which the running sum of words comes nearest the target (on a small corpus one document
+    can be a sizeable share of it). Ties at the threshold are kept whole.
     """
     scores, words = [], []
     for p in scored_paths:
@@ -226,6 +226,8 @@ def choose_threshold(scored_paths: list[str], extracted_tokens: int, target_rati
     order = np.argsort(-s, kind="stable")
     cum = np.cumsum(w[order])
     k = int(np.searchsorted(cum, target, side="left"))
+    if k > 0 and (k >= len(cum) or target - cum[k - 1] < cum[k] - target):
+        k -= 1  # stopping one document short lands nearer the target than taking it
     return out | {"threshold": float(s[order][min(k, len(s) - 1)]), "reachable": True, "note": ""}
 
 
@@ -245,11 +247,18 @@ def select_shard(shard: str, work: Path, out: Path, threshold: float) -> dict:
     kept = table.filter(keep_mask) if keep_mask is not None else table
     write_parquet_atomic(kept, out / "docs" / f"{shard}.parquet")
     parts = [pq.read_table(work / "rejected" / f"{shard}-{phase}.parquet") for phase in ("filter", "score")]
-    write_parquet_atomic(pa.concat_tables(parts + [reject_table(rejected)]), out / "rejected" / f"{shard}.parquet")
+    all_rejected = pa.concat_tables(parts + [reject_table(rejected)])
+    write_parquet_atomic(all_rejected, out / "rejected" / f"{shard}.parquet")
     kept_groups = Counter(g for gs in kept["groups"].to_pylist() for g in gs) if kept.num_rows else Counter()
+    # which stage removed documents about which group: the bias audit's per-stage attribution
+    removed_groups: dict[str, Counter] = {}
+    for stage, gs in zip(all_rejected["stage"].to_pylist(), all_rejected["groups"].to_pylist()):
+        c = removed_groups.setdefault(stage, Counter())
+        c["*"] += 1
+        c.update(gs)
     return {"shard": shard, "stats": stats, "kept_docs": kept.num_rows,
             "kept_tokens": int(pc.sum(kept["n_words"]).as_py() or 0) if kept.num_rows else 0,
-            "kept_groups": dict(kept_groups),
+            "kept_groups": dict(kept_groups), "removed_groups": {s: dict(c) for s, c in removed_groups.items()},
             "outputs": [str(out / "docs" / f"{shard}.parquet"), str(out / "rejected" / f"{shard}.parquet")]}
 
 

@@ -105,6 +105,13 @@ def test_outputs_models_plots_and_artifacts(curated):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     bias = json.loads((out / "bias.json").read_text())
     assert set(bias["groups"]) >= {"gender", "religion", "ethnicity", "sexual_orientation", "disability"}
+    # per-stage attribution adds up: every removed document mentioning a group was removed by one stage
+    import pyarrow.parquet as pq
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    for g, row in bias["groups"].items():
+        assert sum(row["removed_by_stage"].values()) == row["removed"], g
+        for stage, n in row["removed_by_stage"].items():
+            assert n == sum(1 for r in rejected if r["stage"] == stage and g in r["groups"]), (g, stage)
     fr = curated[2].state_details.flow_run_id
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr])))
