@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toxicity-model", dest="toxicity_model_path", help="a trained fastText toxicity .bin")
     _common(p)
 
+    p = sub.add_parser("shard", help="train a tokenizer on curated docs and write tokenized train/val shards")
+    p.add_argument("input", help="a curate output folder (DIR/docs/*.parquet) or a folder of docs Parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, dest="vocab_size", help="BPE vocabulary size (default 8192)")
+    p.add_argument("--tokenizer", dest="tokenizer_path", help="use this tokenizer.json / HF folder, do not train")
+    _common(p)
+
     p = sub.add_parser("score", help="score texts (JSONL with a text field) with a quality or toxicity model")
     p.add_argument("kind", choices=["quality", "toxicity"])
     p.add_argument("--model", required=True)
@@ -79,7 +86,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     flags = {"allow_private_hosts": "crawl", "follow_links": "crawl", "max_depth": "crawl", "max_pages": "crawl",
              "per_host_delay_s": "crawl", "user_agent": "crawl", "workers": "extract", "timeout_s": "extract",
              "target_keep_ratio": "curate.quality", "reference": "curate.quality",
-             "quality_model_path": "curate.quality", "toxicity_model_path": "curate.toxicity"}
+             "quality_model_path": "curate.quality", "toxicity_model_path": "curate.toxicity",
+             "vocab_size": "shard", "tokenizer_path": "shard"}
     out = list(args.set)
     for name, section in flags.items():
         v = getattr(args, name, None)
@@ -129,6 +137,7 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
     from flows.curate import curate_flow
     from flows.extract import extract_flow, with_concurrency
     from flows.pipeline import run_flow
+    from flows.shard import shard_flow
 
     if args.command == "crawl":
         return crawl_flow(args.seeds, args.out, cfg)
@@ -139,6 +148,11 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
         funnel = with_concurrency(curate_flow, cfg)(args.inputs, args.out, cfg)
         return {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")} | (
             {"warning": funnel["warning"]} if "warning" in funnel else {})
+    if args.command == "shard":
+        manifest = with_concurrency(shard_flow, cfg)(args.input, args.out, cfg)
+        return {"out": args.out, "tokenizer": manifest["tokenizer"]["vocab_size"],
+                "splits": {s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()},
+                "compression": manifest["tokenizer_report"]["held_out"]["ours"]["chars_per_token"]}
     return with_concurrency(run_flow, cfg)(args.out, args.inputs, not args.no_crawl_demo, cfg)
 
 

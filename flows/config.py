@@ -188,6 +188,22 @@ class CurateConfig(_Model):
     bias: BiasConfig = Field(default_factory=BiasConfig)
 
 
+class ShardConfig(_Model):
+    """Tokenizer and tokenized shards. Token counts here are tokenizer tokens (not words)."""
+    tokenizer_path: str | None = Field(None, description="a tokenizer.json or HF tokenizer folder to use instead "
+                                                         "of training one (required to fine-tune an existing model)")
+    vocab_size: int = Field(8192, ge=512, le=1 << 20, description="BPE vocabulary incl. special tokens; "
+                                                                  "<= 65536 stores ids as uint16")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur this often")
+    sentinels: int = Field(100, ge=0, le=1000, description="span-corruption sentinels <extra_id_i> (T5: 100)")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="documents held out for validation, by hash")
+    min_val_docs: int = Field(1, ge=0, description="at least this many val documents on a small corpus")
+    seed: int = Field(0, description="salt of the split hash: change it for another split")
+    row_group_tokens: int = Field(1 << 20, ge=1, description="tokens per Parquet row group (the streaming unit)")
+    compare_tokenizer: str | None = Field(None, description="general tokenizer (tokenizer.json or folder) for the "
+                                                            "report; default: one trained on bundled general text")
+
+
 class RunnerConfig(_Model):
     task_retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -198,6 +214,7 @@ class RefineryConfig(_Model):
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("*", mode="before")

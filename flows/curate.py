@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows import faults
+from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import CurateConfig, RefineryConfig
 from flows.extract import run_extract
@@ -141,7 +141,8 @@ def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
     log.info("curate: %d shards", len(docs))
 
     # phase 1: filter (map) + dedup (reduce)
-    filtered = map_shards(filter_task, [(str(p), shas[p], str(out), names[p], cfg) for p in docs], **opts)
+    filtered = map_shards(filter_task, [(str(p), shas[p], str(out), names[p], cfg) for p in docs],
+                          on_result=progress.phase("curate-filter-progress", "curate: filter + signatures"), **opts)
     sig_files = [str(out / "work" / "signatures" / f"{names[p]}.parquet") for p in docs]
     sig_sha = _combine(*[file_sha256(s) for s in sig_files])
     dedup = map_shards(dedup_task, [(sig_files, sig_sha, str(out), cfg)], **opts)[0]
@@ -166,7 +167,8 @@ def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
     # phase 2: score (map) + threshold (reduce)
     scored = map_shards(score_task, [
         (names[p], _combine(file_sha256(out / "work" / "filtered" / f"{names[p]}.parquet"), model_sha), str(out),
-         dedup["path"], qmodel["path"], tmodel["path"], cfg) for p in docs], **opts)
+         dedup["path"], qmodel["path"], tmodel["path"], cfg) for p in docs],
+        on_result=progress.phase("curate-score-progress", "curate: PII, toxicity, quality scores"), **opts)
     extracted_docs = sum(f["input_docs"] for f in filtered)
     extracted_tokens = sum(f["input_tokens"] for f in filtered)
     scored_paths = [str(out / "work" / "scored" / f"{names[p]}.parquet") for p in docs]
@@ -175,7 +177,8 @@ def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
     # phase 3: select (map)
     selected = map_shards(select_task, [
         (names[p], _combine(file_sha256(sp), repr(threshold["threshold"])), str(out), threshold["threshold"], cfg)
-        for p, sp in zip(docs, scored_paths)], **opts)
+        for p, sp in zip(docs, scored_paths)],
+        on_result=progress.phase("curate-select-progress", "curate: select"), **opts)
 
     funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.STAGES),
                           extracted_docs, extracted_tokens, threshold)

@@ -40,3 +40,19 @@ def reporter(name: str, total: int | None = None) -> Callable[..., None] | None:
         prog.update(tid, completed=done, **({"total": total} if total is not None else {}))
 
     return update
+
+
+def phase(key: str, description: str) -> Callable[[int, int], None]:
+    """An on_result(done, total) for map_shards: a Prefect progress artifact on the flow run
+    (the UI) and, under the CLI, a rich bar (the terminal)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, key=key, description=description)
+    bar = reporter(description)
+
+    def update(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+        if bar:
+            bar(done, total)
+
+    return update

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -52,8 +53,11 @@ def remove_stale_temporaries(directory: str | Path) -> int:
     n = 0
     d = Path(directory)
     if d.is_dir():
-        for p in d.rglob(f"{TMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
+        for p in sorted(d.rglob(f"{TMP_PREFIX}*"), reverse=True):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)  # a staged folder (e.g. a tokenizer being saved)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
     return n
 

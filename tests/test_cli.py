@@ -83,3 +83,22 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
                                    "--input", str(bad), "--out", str(tmp_path / "x.parquet")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and "bad.jsonl:1" in p.stderr
+
+    # sharding ran on the kept documents: a manifest whose files hold every kept document once
+    sh = out / "shard"
+    m = json.loads((sh / "manifest.json").read_text())
+    kept = set(pq.read_table(cur / "docs", columns=["id"])["id"].to_pylist())
+    ids = [i for s in ("train", "val") for f in m["splits"][s]["files"]
+           for i in pq.read_table(sh / f["path"], columns=["doc_id"])["doc_id"].to_pylist()]
+    assert sorted(ids) == sorted(kept) and m["totals"]["docs"] == len(kept) == result["shard"]["train"]["docs"] + 1
+    assert (sh / "tokenizer" / "tokenizer_config.json").is_file()
+
+    # `refinery shard` on its own, with a user tokenizer; a missing input is a clear error
+    p = subprocess.run(REFINERY + ["shard", str(cur), "--out", str(tmp_path / "sh2"), "--tokenizer",
+                                   str(sh / "tokenizer")], capture_output=True, text=True, cwd=ROOT,
+                       env=_env(prefect_api), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "sh2" / "manifest.json").read_text())["tokenizer"]["sha256"] == m["tokenizer"]["sha256"]
+    p = subprocess.run(REFINERY + ["shard", str(tmp_path / "nothing"), "--out", str(tmp_path / "sh3")],
+                       capture_output=True, text=True, cwd=ROOT, env=_env(prefect_api), timeout=300)
+    assert p.returncode == 2 and "no curated documents" in p.stderr

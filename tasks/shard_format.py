@@ -1,0 +1,123 @@
+"""The tokenized-shard format: the contract between `refinery shard` and training.
+
+    DIR/tokenizer/            tokenizer.json + tokenizer_config.json (AutoTokenizer loads it)
+    DIR/train/*.parquet       one row per document: doc_id (string), input_ids (list<uint16|uint32>),
+    DIR/val/*.parquet         n_tokens (int32); zstd; row groups of ~row_group_tokens tokens
+    DIR/manifest.json         see below; written last, so its presence means the shards are complete
+
+manifest.json:
+    {"format": "refinery-shards/1",
+     "tokenizer": {"dir": "tokenizer", "sha256": <of tokenizer.json>, "vocab_size": int, "dtype": "uint16",
+                   "special_ids": {"eos": int, "pad": int, "mask": int}, "sentinel_ids": [int, ...]},
+     "source": {"inputs": [str, ...], "sha256": str}, "config": {...},
+     "splits": {"train": {"docs": int, "tokens": int, "files": [
+                    {"path": "train/...parquet", "sha256": str, "bytes": int, "rows": int, "tokens": int,
+                     "row_groups": [rows per group, ...]}, ...]},
+                "val": {...}},
+     "totals": {"docs": int, "tokens": int}}
+
+Paths in the manifest are relative to DIR. Documents carry no end-of-text token: packing adds it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.io import file_sha256
+
+FORMAT = "refinery-shards/1"
+SPLITS = ("train", "val")
+EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
+
+
+def sentinel(i: int) -> str:
+    """Span-corruption sentinel i (T5 names them <extra_id_i>)."""
+    return f"<extra_id_{i}>"
+
+
+def token_type(vocab_size: int) -> pa.DataType:
+    return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
+
+
+def shard_schema(vocab_size: int) -> pa.Schema:
+    return pa.schema([("doc_id", pa.string()), ("input_ids", pa.list_(token_type(vocab_size))),
+                      ("n_tokens", pa.int32())])
+
+
+class ShardError(RuntimeError):
+    """A shard directory that cannot be trusted; the message names the file."""
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest (not a shard directory, or `refinery shard` did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify(data_dir: str | Path, manifest: dict, splits: tuple[str, ...] = SPLITS, full: bool = True) -> None:
+    """Check every file the manifest lists: present, of its size, with its sha256 (if `full`),
+    and a readable Parquet footer with its row count. Raises ShardError naming the file."""
+    root = Path(data_dir)
+    tok = manifest["tokenizer"]
+    tok_file = root / tok["dir"] / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ShardError(f"{tok_file}: tokenizer missing")
+    if full and file_sha256(tok_file) != tok["sha256"]:
+        raise ShardError(f"{tok_file}: sha256 does not match the manifest (tokenizer changed after sharding)")
+    for split in splits:
+        for f in manifest["splits"].get(split, {}).get("files", []):
+            path = root / f["path"]
+            if not path.is_file():
+                raise ShardError(f"{path}: shard missing")
+            size = path.stat().st_size
+            if size != f["bytes"]:
+                raise ShardError(f"{path}: {size} bytes, manifest says {f['bytes']} (truncated or replaced)")
+            if full and file_sha256(path) != f["sha256"]:
+                raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as e:  # noqa: BLE001 - any unreadable footer is the same finding
+                raise ShardError(f"{path}: not a readable Parquet file ({e})") from None
+            if rows != f["rows"]:
+                raise ShardError(f"{path}: {rows} rows, manifest says {f['rows']}")
+
+
+def write_shard(doc_ids: list[str], ids: list, vocab_size: int, path: Path, root: Path,
+                row_group_tokens: int) -> dict:
+    """Write one shard atomically (rows in the given order; `ids` are int sequences or numpy arrays)
+    with row groups of about `row_group_tokens` tokens; returns its manifest entry."""
+    import numpy as np
+
+    from tasks.io import atomic_path
+
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    dtype = token_type(vocab_size)
+    flat = np.concatenate([np.asarray(x, dtype=dtype.to_pandas_dtype()) for x in ids]) if ids else np.zeros(0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    table = pa.table({"doc_id": pa.array(doc_ids, pa.string()),
+                      "input_ids": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                                            pa.array(flat, dtype)),
+                      "n_tokens": pa.array(lengths, pa.int32())}, schema=shard_schema(vocab_size))
+    # cut row groups where the running token count crosses multiples of row_group_tokens
+    cuts = np.searchsorted(offsets[1:], np.arange(row_group_tokens, int(offsets[-1]) + 1, row_group_tokens),
+                           side="left") + 1
+    bounds = sorted({0, *[int(c) for c in cuts if 0 < c < len(ids)], len(ids)})
+    groups = [b - a for a, b in zip(bounds, bounds[1:])] or [0]
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, table.schema, compression="zstd") as w:
+            for a, b in zip(bounds, bounds[1:]):
+                w.write_table(table.slice(a, b - a), row_group_size=b - a)
+            if not ids:
+                w.write_table(table)
+    return {"path": str(path.relative_to(root)), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+            "rows": len(ids), "tokens": int(offsets[-1]), "row_groups": groups}

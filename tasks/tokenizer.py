@@ -1,0 +1,109 @@
+"""The tokenizer: a byte-level BPE trained on the kept text, or the user's own.
+
+Byte-level, so every string round-trips exactly (no unknown token, no normalizer); special
+tokens for all three architectures come first, at fixed ids: end of text (decoder-only packing
+separator), padding, mask (encoder-only MLM) and T5-style sentinels (encoder-decoder span
+corruption). Saved as a Hugging Face folder that `AutoTokenizer.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from tasks.shard_format import EOS, MASK, PAD, sentinel
+
+GENERAL_TEXT = Path(__file__).resolve().parent.parent / "sample" / "curation" / "reference"
+_WORD = re.compile(r"[^\W\d_]{4,}")  # candidate domain words: letters only, 4+ long
+
+
+def special_tokens(n_sentinels: int) -> list[str]:
+    return [EOS, PAD, MASK] + [sentinel(i) for i in range(n_sentinels)]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, n_sentinels: int):
+    """A byte-level BPE `tokenizers.Tokenizer`. Training is deterministic for a given input order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=special_tokens(n_sentinels),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_hf(tok, out_dir: Path, n_sentinels: int) -> None:
+    """Save as a transformers tokenizer folder (tokenizer.json + tokenizer_config.json)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, mask_token=MASK,
+                                 additional_special_tokens=[sentinel(i) for i in range(n_sentinels)],
+                                 clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+    hf.save_pretrained(str(out_dir))
+
+
+def load_user_tokenizer(path: str | Path):
+    """A user's tokenizer.json or Hugging Face tokenizer folder, as a transformers tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    if p.is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(p), clean_up_tokenization_spaces=False)
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(p))
+    raise FileNotFoundError(f"{p}: not a tokenizer.json nor a tokenizer folder")
+
+
+def special_ids(hf) -> tuple[dict, list[int]]:
+    """(eos/pad/mask ids, sentinel ids) of a transformers tokenizer; a user's tokenizer may lack
+    some (a GPT-style one has no mask nor sentinels: then MLM / span corruption are unavailable)."""
+    vocab = hf.get_vocab()
+    eos = hf.eos_token_id if hf.eos_token_id is not None else vocab.get(EOS)
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-text token (eos_token): documents cannot be separated")
+    pad = hf.pad_token_id if hf.pad_token_id is not None else eos
+    mask = hf.mask_token_id if hf.mask_token_id is not None else vocab.get(MASK)
+    sentinels = []
+    while sentinel(len(sentinels)) in vocab:
+        sentinels.append(vocab[sentinel(len(sentinels))])
+    return {"eos": eos, "pad": pad, "mask": mask}, sentinels
+
+
+def compression(tok, texts: list[str]) -> dict:
+    """Characters and bytes per token on `texts` (held-out text: higher is better)."""
+    n_tok = sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)) if texts else 0
+    chars = sum(len(t) for t in texts)
+    nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return {"texts": len(texts), "chars": chars, "tokens": n_tok,
+            "chars_per_token": chars / n_tok if n_tok else None, "bytes_per_token": nbytes / n_tok if n_tok else None}
+
+
+def domain_words(ours, general, texts: list[str], top: int = 30) -> list[dict]:
+    """The most frequent words of `texts` that our tokenizer keeps whole (one token, with its
+    leading space) while the general tokenizer splits them: what the domain tokenizer learned."""
+    counts = Counter(w for t in texts for w in _WORD.findall(t))
+    found = []
+    for w, n in counts.most_common():
+        piece = " " + w
+        a = ours.encode(piece, add_special_tokens=False).ids
+        if len(a) != 1:
+            continue
+        b = general.encode(piece, add_special_tokens=False).ids
+        if len(b) > 1:
+            found.append({"word": w, "count": n, "general_tokens": len(b)})
+            if len(found) == top:
+                break
+    return found
+
+
+def general_tokenizer(vocab_size: int, n_sentinels: int):
+    """The baseline for `domain_words` when the user names none: a BPE of the same size trained
+    the same way on bundled general English (WikiText-2, Gutenberg novels, inaugural addresses)."""
+    texts = []
+    for f in sorted(GENERAL_TEXT.rglob("*.txt")):
+        texts += [p for p in f.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
+    return train_bpe(texts, vocab_size, 2, n_sentinels)
