@@ -204,6 +204,54 @@ class ShardConfig(_Model):
                                                             "report; default: one trained on bundled general text")
 
 
+class TrainConfig(_Model):
+    """Pretraining (and, with `base`, fine-tuning). Batch sizes are sequences per device per step."""
+    arch: Literal["decoder", "encoder", "encoder-decoder"] = "decoder"
+    preset: Literal["tiny", "small", "25m", "125m", "350m", "1b"] = "tiny"
+    seq_len: int = Field(256, ge=8, le=1 << 17, description="tokens per sequence (encoder-decoder: encoder input)")
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-step")
+    accumulate: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: one pass over the train tokens")
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many tokens (overrides max_steps)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int | None = Field(None, ge=0, description="default: 5% of the steps, at most 1000")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    compile: bool = Field(False, description="torch.compile the model")
+    activation_checkpointing: bool = False
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = Field(1, ge=1, description="processes per node (GPUs, or CPU processes with gloo)")
+    nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    num_workers: int = Field(0, ge=0, description="dataloader worker processes per device")
+    val_every: int = Field(200, ge=1, description="validate every N optimizer steps (and at the end)")
+    val_batches: int = Field(50, ge=1, description="validation batches per check")
+    checkpoint_every: int = Field(200, ge=1, description="save a checkpoint every N optimizer steps")
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or its batch is skipped")
+    gpu: str | None = Field(None, description="GPU name for MFU (planner's peak table); default: detected")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s per device, overrides the table")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="device memory for the planner; default: detected")
+    skip_plan_check: bool = Field(False, description="start even when the planner says it does not fit")
+    export: bool = Field(True, description="write a Hugging Face folder at the end")
+
+
+class FinetuneConfig(_Model):
+    """Fine-tuning an existing model: `base` set switches `refinery train` from building to loading."""
+    base: str | None = Field(None, description="our export, a Hugging Face model folder, or a .gguf file")
+    method: Literal["full", "lora", "prompt", "qlora"] = "lora"
+    lora_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target: list[str] | None = Field(None, description="module names; default: attention and MLP projections")
+    prompt_tokens: int = Field(20, ge=1, le=1000, description="virtual tokens of prompt tuning")
+
+
 class RunnerConfig(_Model):
     task_retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -215,6 +263,8 @@ class RefineryConfig(_Model):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("*", mode="before")

@@ -47,10 +47,15 @@ def save_hf(tok, out_dir: Path, n_sentinels: int) -> None:
 
 
 def load_user_tokenizer(path: str | Path):
-    """A user's tokenizer.json or Hugging Face tokenizer folder, as a transformers tokenizer."""
+    """A user's tokenizer.json, Hugging Face tokenizer or model folder, or GGUF model file, as a
+    transformers tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "tokenizer.json").is_file() else []
+    if p.suffix == ".gguf" or len(ggufs) == 1:  # a GGUF model (e.g. SmolLM2) carries its tokenizer
+        g = p if p.suffix == ".gguf" else ggufs[0]
+        return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
     if p.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(p), clean_up_tokenization_spaces=False)
     if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():

@@ -1,0 +1,275 @@
+"""The training entry point: `python -m models.train --config run.json`.
+
+It runs in its own process on purpose. Lightning's `ddp` re-executes the launching script once per
+device, which would re-enter a Prefect flow, so the flow writes run.json and launches this module
+(`torchrun ... -m models.train` for several devices or nodes, the same command under Slurm or a
+Kubernetes job). It reports through files in the run folder, which the flow reads back:
+
+    OUT/metrics.jsonl      one line per optimizer step (global mean loss, lr, tokens, tokens/s, MFU)
+                           and per validation (val loss, perplexity); appended, so a resume continues it
+    OUT/checkpoints/       step=N.ckpt every `checkpoint_every` steps and last.ckpt (weights, optimizer,
+                           scheduler, loop and data position): `resume` continues the same run exactly
+    OUT/logs/metrics.csv   Lightning's CSV log; OUT/tb/ the TensorBoard log
+    OUT/hf/                the Hugging Face export (model + tokenizer), when `export`
+    OUT/result.json        written last by rank 0: the run summary
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from flows.config import FinetuneConfig, TrainConfig
+from models.architectures import OBJECTIVE, arch_of, build_model, make_config, n_params
+from models.data import ShardDataModule
+from models.module import LMModule
+from tasks.io import write_text_atomic
+
+
+class MetricsFile(Callback):
+    """metrics.jsonl on rank 0: per optimizer step and per validation, flushed as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._losses: list[torch.Tensor] = []
+        self._t0: float | None = None
+        self._tokens0 = 0
+
+    def _write(self, trainer, row: dict) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_start(self, trainer, module):
+        self._last_step = trainer.global_step      # a resumed run starts at its checkpoint's step
+        if trainer.is_global_zero and self.path.exists():
+            # steps logged after the checkpoint by the run that died are redone: drop their rows
+            rows = [r for r in self.path.read_text().splitlines() if json.loads(r)["step"] <= trainer.global_step]
+            write_text_atomic("".join(r + "\n" for r in rows), self.path)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0, self._tokens0 = time.perf_counter(), module.tokens_seen
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(loss.detach().float())
+        if trainer.global_step == self._last_step or not self._losses:
+            return                   # mid-accumulation: the optimizer has not stepped yet
+        self._last_step = trainer.global_step
+        mean = torch.stack(self._losses).mean()
+        mean = trainer.strategy.reduce(mean, reduce_op="mean")   # the global loss, not rank 0's
+        self._losses = []
+        dt = time.perf_counter() - self._t0
+        tps = (module.tokens_seen - self._tokens0) / dt if dt > 0 else 0.0
+        row = {"step": trainer.global_step, "loss": round(float(mean), 6),
+               "lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens": module.tokens_seen,
+               "tokens_per_s": round(tps, 1), "elapsed_s": round(dt, 3)}
+        if module.peak_flops:
+            row["mfu"] = round(tps * module.flops_per_token / (module.peak_flops * trainer.world_size), 4)
+        self._write(trainer, row)
+
+    def on_validation_end(self, trainer, module):
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None and not trainer.sanity_checking:
+            self._write(trainer, {"step": trainer.global_step, "val_loss": round(float(val), 6),
+                                  "val_ppl": round(math.exp(min(float(val), 30.0)), 4)})
+        self._t0 = None              # throughput excludes validation
+
+
+class KillAt(Callback):
+    """Fault injection (tests, chaos drills): REFINERY_KILL_AT_STEP=N SIGKILLs rank 0 once N optimizer
+    steps are done, before the next one starts, as a crash would (the others die with it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def plan_steps(cfg: TrainConfig, dm: ShardDataModule, world: int) -> int:
+    """max_steps from the config, else from max_tokens or one pass over the train tokens."""
+    per_step = cfg.batch_size * dm.step * world * cfg.accumulate
+    if cfg.max_tokens:
+        return max(1, cfg.max_tokens // per_step)
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, dm.manifest["splits"]["train"]["tokens"] // per_step)
+
+
+def strategy_for(cfg: TrainConfig):
+    if cfg.strategy == "fsdp":
+        # FSDP2 (fully_shard) through ModelParallelStrategy: runs on CPU (gloo) and GPU alike;
+        # one consolidated checkpoint file so resume and export need no extra step
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        return ModelParallelStrategy(data_parallel_size=cfg.devices * cfg.nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    if cfg.strategy == "ddp" or cfg.devices * cfg.nodes > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+        return DDPStrategy(find_unused_parameters=False)
+    return "auto"
+
+
+def detect_peak_flops(cfg: TrainConfig) -> float | None:
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from models.planner import peak_flops
+        return peak_flops(cfg.gpu or torch.cuda.get_device_name(0), cfg.precision)
+    except (ImportError, KeyError, ValueError):
+        return None
+
+
+def export_hf(module: LMModule, data_dir: Path, out: Path) -> Path:
+    """OUT/hf: the model and the shards' tokenizer, so the Auto classes load both from one folder."""
+    dest = out / "hf"
+    tmp = out / ".hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = module.model
+    if hasattr(model, "merge_and_unload"):        # a LoRA model exports merged
+        model = model.merge_and_unload()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in (data_dir / "tokenizer").iterdir():
+        shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def run(spec: dict) -> dict:
+    cfg = TrainConfig(**spec["train"])
+    data_dir, out = Path(spec["data_dir"]), Path(spec["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ft = FinetuneConfig(**spec.get("finetune") or {})
+    model, ft_report, arch = None, None, cfg.arch
+    if ft.base:                          # fine-tuning: the base decides the architecture
+        from models import finetune
+        model, _ = finetune.load_base(ft.base)
+        arch = arch_of(model.config)
+    objective = OBJECTIVE[arch]
+    dm = ShardDataModule(str(data_dir), seq_len=cfg.seq_len, batch_size=cfg.batch_size, objective=objective,
+                         seed=cfg.seed, num_workers=cfg.num_workers)
+    dm.setup()
+    if model is None:
+        special = {"eos": dm.eos_id, "pad": dm.pad_id, "mask": dm.mask_id}
+        config = make_config(arch, cfg.preset, dm.vocab_size, cfg.seq_len, special)
+        model = build_model(config)
+    else:
+        config = model.config
+        if dm.vocab_size > config.vocab_size:
+            raise ValueError(f"{data_dir}: the shards' tokenizer has {dm.vocab_size} ids, the base model "
+                             f"{config.vocab_size}: shard with the base's tokenizer (refinery shard --tokenizer)")
+        model, ft_report = finetune.apply_method(model, ft.method, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha,
+                                                 lora_dropout=ft.lora_dropout, lora_target=ft.lora_target,
+                                                 prompt_tokens=ft.prompt_tokens)
+    world = cfg.devices * cfg.nodes
+    max_steps = plan_steps(cfg, dm, world)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
+    if cfg.compile:
+        model = torch.compile(model)
+    module = LMModule(model, objective, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                      warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio, seq_len=cfg.seq_len,
+                      peak_flops=detect_peak_flops(cfg), activation_checkpointing=cfg.activation_checkpointing,
+                      fsdp=cfg.strategy == "fsdp", nan_policy=cfg.nan_policy)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = bool(spec.get("resume")) and last.exists()
+    metrics_path = out / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()           # a fresh run starts a fresh log
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step={step}", auto_insert_metric_name=False,
+                                 every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.nodes, strategy=strategy_for(cfg),
+        precision=cfg.precision, max_steps=max_steps, accumulate_grad_batches=cfg.accumulate,
+        gradient_clip_val=cfg.grad_clip or None,
+        val_check_interval=min(cfg.val_every * cfg.accumulate, len_or(dm, world, cfg)),
+        check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
+        logger=[CSVLogger(str(out), name="logs", version=""), TensorBoardLogger(str(out), name="tb", version="")],
+        callbacks=[checkpoint, MetricsFile(metrics_path)] + kill_switch(), log_every_n_steps=cfg.log_every,
+        use_distributed_sampler=False,      # the DataModule splits by rank itself (disjoint streams)
+        enable_progress_bar=bool(spec.get("progress_bar", False)), enable_model_summary=False,
+        default_root_dir=str(out))
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    wall = time.time() - t0
+    # validation once more at the end (every rank takes part) so the summary has the final perplexity
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
+    result = summarize(metrics_path, module, cfg, config, max_steps, wall, val)
+    result["arch"] = arch
+    if ft_report:
+        result["finetune"] = {**ft_report, "base": ft.base}
+    result["checkpoint"] = str(last) if last.exists() else None
+    result["resumed"] = resume
+    result["local_params_rank0"] = module.local_params
+    if cfg.export:
+        if cfg.strategy == "fsdp":      # the sharded module cannot save_pretrained: rebuild from the full checkpoint
+            module = LMModule(build_model(config), objective)
+            module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
+        if ft.base:
+            from models import finetune
+            result["export"] = finetune.export_finetuned(module.model, ft.method, data_dir / "tokenizer", out / "hf")
+        else:
+            result["export"] = str(export_hf(module, data_dir, out))
+    write_text_atomic(json.dumps(result, indent=2), out / "result.json")
+    return result
+
+
+def kill_switch() -> list[Callback]:
+    step = os.environ.get("REFINERY_KILL_AT_STEP")
+    return [KillAt(int(step))] if step else []
+
+
+def len_or(dm: ShardDataModule, world: int, cfg: TrainConfig) -> int:
+    """Batches per epoch on one rank (val_check_interval may not exceed it)."""
+    per = cfg.batch_size * dm.step * world
+    return max(1, dm.manifest["splits"]["train"]["tokens"] // per)
+
+
+def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, steps: int, wall: float,
+              val: dict) -> dict:
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    train = [r for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_loss" in r]
+    tps = [r["tokens_per_s"] for r in train[1:] if r.get("tokens_per_s")]
+    params = n_params(module.model)
+    final_val = val.get("val/loss", vals[-1]["val_loss"] if vals else None)
+    return {"arch": cfg.arch, "preset": cfg.preset, "params": params, "trainable_params": module.n_trainable,
+            "steps": train[-1]["step"] if train else 0, "max_steps": steps, "tokens_seen": module.tokens_seen,
+            "tokens_per_param": round(module.tokens_seen / params, 4),
+            "first_loss": train[0]["loss"] if train else None, "final_loss": train[-1]["loss"] if train else None,
+            "val_loss": None if final_val is None else round(float(final_val), 6),
+            "val_ppl": None if final_val is None else round(math.exp(min(float(final_val), 30.0)), 4),
+            "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
+            "mfu": train[-1].get("mfu") if train else None, "wall_s": round(wall, 2),
+            "precision": cfg.precision, "devices": cfg.devices, "nodes": cfg.nodes, "strategy": cfg.strategy,
+            "skipped_batches": module.skipped_batches, "model_type": config.model_type}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m models.train")
+    ap.add_argument("--config", required=True, help="run.json written by the train flow")
+    args = ap.parse_args(argv)
+    run(json.loads(Path(args.config).read_text()))
+
+
+if __name__ == "__main__":
+    main()
