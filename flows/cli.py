@@ -71,6 +71,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Parquet with the input fields plus the scores")
     _common(p)
 
+    def train_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="run folder: checkpoints, logs, metrics, hf/ export")
+        p.add_argument("--seq-len", type=int, dest="seq_len")
+        p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per device per step")
+        p.add_argument("--accumulate", type=int, help="gradient accumulation steps")
+        p.add_argument("--max-steps", type=int, dest="max_steps")
+        p.add_argument("--max-tokens", type=int, dest="max_tokens")
+        p.add_argument("--lr", type=float)
+        p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
+        p.add_argument("--devices", type=int, help="processes per node (GPUs; CPU processes with gloo)")
+        p.add_argument("--nodes", type=int)
+        p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"])
+        p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"])
+        p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+        _common(p)
+
+    p = sub.add_parser("train", help="pretrain a decoder, encoder or encoder-decoder on tokenized shards")
+    p.add_argument("shards", help="a `refinery shard` output folder")
+    p.add_argument("--arch", choices=["decoder", "encoder", "encoder-decoder"])
+    p.add_argument("--preset", help="tiny, small, 25m, 125m, 350m, 1b")
+    train_flags(p)
+
+    p = sub.add_parser("finetune", help="fine-tune an existing model (full, LoRA, prompt tuning) on shards")
+    p.add_argument("base", help="our export, a Hugging Face model folder, or a .gguf file")
+    p.add_argument("--data", required=True, help="shards made with the base's tokenizer (refinery shard --tokenizer BASE)")
+    p.add_argument("--method", choices=["full", "lora", "prompt", "qlora"])
+    train_flags(p)
+
+    p = sub.add_parser("plan", help="Chinchilla pairing, FLOPs, time and memory per device, before a run")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--params", type=float, help="model parameters, e.g. 1.2e9")
+    g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e10")
+    g.add_argument("--gpu-memory", type=float, dest="gpu_memory", help="GB per device: the largest model that fits")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--hours", type=float, help="wall-clock budget: the compute-optimal size for it")
+    p.add_argument("--gpu", default="H100", help="for peak FLOP/s (MFU): H100, A100, L4, ...")
+    p.add_argument("--precision", default="bf16-mixed", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--seq-len", type=int, default=2048, dest="seq_len")
+    p.add_argument("--micro-batch", type=int, default=1, dest="micro_batch")
+    p.add_argument("--keep-ratio", type=float, dest="keep_ratio", help="curated tokens / crawled tokens (default 0.02)")
+    p.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(p)
+
+    p = sub.add_parser("generate", help="continue a prompt with a decoder export")
+    p.add_argument("model", help="an OUT/hf folder (or any causal LM folder)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+
+    p = sub.add_parser("quantize", help="int8 weight quantization (per-channel absmax) of an export")
+    p.add_argument("model", help="an OUT/hf folder")
+    p.add_argument("--int8", action="store_true", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="shards to measure validation perplexity before and after")
+    p.add_argument("--batches", type=int, default=20, help="validation batches for the perplexity")
+    _common(p)
+
     p = sub.add_parser("run", help="the end-to-end job (bundled real sample by default)")
     p.add_argument("--out", default="runs/sample")
     p.add_argument("--inputs", nargs="*", help="WARC files or folders instead of the bundled sample")
@@ -87,7 +152,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
              "per_host_delay_s": "crawl", "user_agent": "crawl", "workers": "extract", "timeout_s": "extract",
              "target_keep_ratio": "curate.quality", "reference": "curate.quality",
              "quality_model_path": "curate.quality", "toxicity_model_path": "curate.toxicity",
-             "vocab_size": "shard", "tokenizer_path": "shard"}
+             "vocab_size": "shard", "tokenizer_path": "shard",
+             "arch": "train", "preset": "train", "seq_len": "train", "batch_size": "train", "accumulate": "train",
+             "max_steps": "train", "max_tokens": "train", "lr": "train", "precision": "train", "devices": "train",
+             "nodes": "train", "strategy": "train", "accelerator": "train", "compile": "train",
+             "activation_checkpointing": "train", "method": "finetune", "base": "finetune"}
+    if args.command in ("plan", "generate", "quantize"):
+        flags = {}                       # their flags are their own, not configuration fields
     out = list(args.set)
     for name, section in flags.items():
         v = getattr(args, name, None)
@@ -107,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
+    if args.command in ("plan", "generate", "quantize"):
+        from flows import model_tools
+
+        try:
+            return getattr(model_tools, args.command)(args, cfg)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"refinery: {e}", file=sys.stderr)
+            return 2
     if args.command == "score":
         from tasks.score import score_file
 
@@ -123,13 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         progress.start()
     try:
         result = _dispatch(args, cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, PlanRefused) as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 2
     finally:
         progress.stop()
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+class PlanRefused(Exception):
+    pass
 
 
 def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
@@ -148,6 +231,16 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
         funnel = with_concurrency(curate_flow, cfg)(args.inputs, args.out, cfg)
         return {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")} | (
             {"warning": funnel["warning"]} if "warning" in funnel else {})
+    if args.command in ("train", "finetune"):
+        from flows.train import train_flow
+
+        data = args.shards if args.command == "train" else args.data
+        try:
+            return train_flow(data, args.out, cfg, args.resume)
+        except Exception as e:  # the planner's refusal is an answer, not a crash
+            if type(e).__name__ == "PlanError":
+                raise PlanRefused(str(e)) from e
+            raise
     if args.command == "shard":
         manifest = with_concurrency(shard_flow, cfg)(args.input, args.out, cfg)
         return {"out": args.out, "tokenizer": manifest["tokenizer"]["vocab_size"],

@@ -151,6 +151,59 @@ def export_hf(module: LMModule, data_dir: Path, out: Path) -> Path:
     return dest
 
 
+def available_memory_gb(cfg: TrainConfig) -> tuple[str, float | None]:
+    """(device name for the planner, GiB per device): the config's, else what this machine has."""
+    on_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and torch.cuda.is_available():
+        name = cfg.gpu or torch.cuda.get_device_name(0)
+        return name, cfg.gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
+    if cfg.gpu_memory_gb:
+        return cfg.gpu or "cpu", cfg.gpu_memory_gb
+    avail = None
+    try:  # CPU processes share the machine's RAM
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) / 2**20 / cfg.devices
+    except OSError:
+        pass
+    return "cpu", avail
+
+
+def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = None) -> dict:
+    """The planner before any process starts: parameters, tokens, FLOPs, memory per device. A run
+    that does not fit raises PlanError with the numbers (unless `skip_plan_check`)."""
+    from models import planner
+    from tasks.shard_format import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    tok = manifest["tokenizer"]
+    world = cfg.devices * cfg.nodes
+    per_step = cfg.batch_size * cfg.seq_len * world * cfg.accumulate
+    steps = (max(1, cfg.max_tokens // per_step) if cfg.max_tokens else cfg.max_steps
+             or max(1, manifest["splits"]["train"]["tokens"] // per_step))
+    if ft is not None and ft.base:
+        return {"summary": f"fine-tuning {ft.base} with {ft.method}: {steps} steps of {per_step:,} tokens",
+                "max_steps": steps}
+    ids = tok["special_ids"]
+    config = make_config(cfg.arch, cfg.preset, tok["vocab_size"], cfg.seq_len,
+                         {"eos": ids["eos"], "pad": ids.get("pad"), "mask": ids.get("mask")})
+    gpu, mem = available_memory_gb(cfg)
+    peak = cfg.peak_flops
+    if peak is None and gpu != "cpu":
+        try:
+            peak = planner.peak_flops(gpu, cfg.precision)
+        except ValueError:
+            gpu = "cpu"       # an unlisted device: memory is still checked, time is not estimated
+    p = planner.plan(params=planner.count_params(config), tokens=steps * per_step, gpu_memory_gb=mem,
+                     gpus=cfg.devices, nodes=cfg.nodes, gpu=gpu, precision=cfg.precision,
+                     strategy="fsdp" if cfg.strategy == "fsdp" else "ddp", seq_len=cfg.seq_len,
+                     micro_batch=cfg.batch_size, activation_checkpointing=cfg.activation_checkpointing,
+                     arch_dims=planner.arch_dims(config), peak=peak)
+    if not cfg.skip_plan_check:
+        planner.check(p)
+    return {**p.to_dict(), "max_steps": steps}
+
+
 def run(spec: dict) -> dict:
     cfg = TrainConfig(**spec["train"])
     data_dir, out = Path(spec["data_dir"]), Path(spec["out_dir"])
@@ -179,6 +232,8 @@ def run(spec: dict) -> dict:
                                                  lora_dropout=ft.lora_dropout, lora_target=ft.lora_target,
                                                  prompt_tokens=ft.prompt_tokens)
     world = cfg.devices * cfg.nodes
+    if not ft.base:
+        preflight(str(data_dir), cfg)       # also here: the entry point may be launched without the flow
     max_steps = plan_steps(cfg, dm, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
     if cfg.compile:
@@ -210,7 +265,8 @@ def run(spec: dict) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
     wall = time.time() - t0
     # validation once more at the end (every rank takes part) so the summary has the final perplexity
-    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    has_val = dm.manifest["splits"]["val"]["tokens"] > 0
+    val = (trainer.validate(module, datamodule=dm, verbose=False) or [{}])[0] if has_val else {}
     if not trainer.is_global_zero:
         return {}
     result = summarize(metrics_path, module, cfg, config, max_steps, wall, val)

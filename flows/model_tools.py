@@ -1,0 +1,59 @@
+"""`refinery plan`, `refinery generate`, `refinery quantize`: quick model tools that need no flow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.config import RefineryConfig
+
+
+def plan(args, cfg: RefineryConfig) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from models import planner
+
+    keep = args.keep_ratio if args.keep_ratio is not None else cfg.curate.quality.target_keep_ratio
+    p = planner.plan(params=args.params, tokens=args.tokens, gpu_memory_gb=args.gpu_memory, gpus=args.gpus,
+                     nodes=args.nodes, hours=args.hours, gpu=args.gpu, precision=args.precision,
+                     strategy=args.strategy, mfu=args.mfu, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                     keep_ratio=keep, activation_checkpointing=args.activation_checkpointing)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2, default=str))
+        return 0
+    table = Table(title="Training plan", show_header=False)
+    for label, value in p.rows():
+        table.add_row(label, value)
+    Console().print(table)
+    if not p.fits:
+        Console().print(f"[red]does not fit[/red]: {p.reason}")
+    return 0
+
+
+def generate(args, cfg: RefineryConfig) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a training run's hf/ folder)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    torch.manual_seed(args.seed)
+    ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)
+    sample = args.temperature > 0
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature if sample else None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             eos_token_id=tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def quantize(args, cfg: RefineryConfig) -> int:
+    from models import quantize as q
+
+    report = q.quantize_export(args.model, args.out, data_dir=args.data, max_batches=args.batches)
+    print(json.dumps(report, indent=2))
+    return 0

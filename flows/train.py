@@ -1,0 +1,174 @@
+"""The train flow: plan -> launch the trainer as a subprocess -> read back -> artifacts.
+
+    plan      the Chinchilla and memory planner; a run that cannot fit is refused with the numbers
+    launch    `python -m models.train --config OUT/run.json`, or torchrun for several devices: Lightning's
+              ddp re-executes its launching script per device, which must not be this flow
+    watch     OUT/metrics.jsonl while it runs -> a Prefect progress artifact and a rich bar
+    report    OUT/result.json -> loss curves (PNG + table artifact) and a run summary (markdown)
+
+A failed attempt is retried by Prefect and resumes from the last checkpoint (same data position,
+same subsequent losses). A finished run with unchanged shards, config and code is served from cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+
+from flows import progress
+from flows.caching import code_version
+from flows.config import RefineryConfig
+from tasks.io import write_text_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_command(spec_path: Path, devices: int, nodes: int) -> list[str]:
+    """One device: the entry point itself. Several: torchrun on this node (gloo on CPU, NCCL on GPU).
+    Multi-node runs start the same `-m models.train --config` under Slurm/Kubernetes (see README)."""
+    entry = ["-m", "models.train", "--config", str(spec_path)]
+    if devices * nodes == 1:
+        return [sys.executable, *entry]
+    if nodes > 1:
+        raise ValueError("nodes > 1: launch `torchrun --nnodes N --nproc-per-node K --rdzv-endpoint HOST:PORT "
+                         "-m models.train --config run.json` on every node (Slurm srun / a Kubernetes job); "
+                         "the flow starts single-node runs only")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", *entry]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return rows
+
+
+def train_cache_key(context, parameters: dict) -> str:
+    spec = dict(parameters["spec"])
+    spec.pop("resume", None)
+    parts = [context.task.name, parameters["shards_sha256"], json.dumps(spec, sort_keys=True),
+             code_version("models", "flows", "tasks")]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@task(name="train", cache_key_fn=train_cache_key, persist_result=True)
+def train_task(spec: dict, shards_sha256: str) -> dict:
+    log = get_run_logger()
+    out = Path(spec["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = get_run_context()
+    spec = {**spec, "resume": spec.get("resume") or ctx.task_run.run_count > 1}  # a retry resumes
+    spec_path = out / "run.json"
+    write_text_atomic(json.dumps(spec, indent=2), spec_path)
+    (out / "result.json").unlink(missing_ok=True)
+    t = spec["train"]
+    cmd = launch_command(spec_path, t.get("devices", 1), t.get("nodes", 1))
+    log.info("launching: %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    update = progress.phase("train-progress", "train: steps")
+    with open(out / "train.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        while proc.poll() is None:
+            time.sleep(2)
+            steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+            if steps:
+                update(steps[-1]["step"], spec.get("max_steps_hint") or steps[-1]["step"])
+    if proc.returncode != 0 or not (out / "result.json").exists():
+        tail = (out / "train.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"training exited with {proc.returncode}; last lines of {out / 'train.log'}:\n{tail}")
+    result = json.loads((out / "result.json").read_text())
+    update(result["steps"], result["steps"])
+    result["outputs"] = [str(out / "result.json")] + ([str(Path(result["export"]) / "config.json")]
+                                                       if isinstance(result.get("export"), str) else [])
+    return result
+
+
+def loss_plot(out: Path, rows: list[dict]) -> Path | None:
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    tmp = out / ".loss.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def report(out: Path, result: dict, plan: dict | None) -> None:
+    rows = read_metrics(out / "metrics.jsonl")
+    png = loss_plot(out, rows)
+    curve = [r for r in rows if "loss" in r]
+    stride = max(1, len(curve) // 200)        # the table artifact stays readable on long runs
+    create_table_artifact(key="train-loss", table=curve[::stride] + ([curve[-1]] if curve[-1::stride] != curve[-1:] else []),
+                          description="Training loss per optimizer step")
+    fmt = lambda v: "-" if v is None else (f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+    keys = ["arch", "preset", "params", "trainable_params", "steps", "tokens_seen", "tokens_per_param", "first_loss",
+            "final_loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "precision", "devices", "strategy", "wall_s"]
+    md = [f"# Training run `{out}`", "", "| | |", "|---|---|"] + [f"| {k} | {fmt(result.get(k))} |" for k in keys]
+    if result.get("finetune"):
+        ft = result["finetune"]
+        md += ["", f"Fine-tuned `{ft['base']}` with **{ft['method']}**: {ft['trainable_params']:,} of "
+                   f"{ft['total_params']:,} parameters trainable ({100 * ft['trainable_fraction']:.3f}%)."]
+    if plan:
+        md += ["", "Planner: " + plan.get("summary", "")]
+    md += ["", f"Loss curve: `{png}`" if png else "", f"Export: `{result.get('export')}`",
+           f"Checkpoint: `{result.get('checkpoint')}`"]
+    create_markdown_artifact(key="train-summary", markdown="\n".join(md), description="Training run summary")
+
+
+def shards_fingerprint(shards_dir: str) -> str:
+    """The manifest lists every shard's sha256 and the tokenizer's: its hash identifies the data."""
+    return hashlib.sha256(Path(shards_dir, "manifest.json").read_bytes()).hexdigest()
+
+
+def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: bool = False) -> dict:
+    log = get_run_logger()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from models.train import preflight
+    plan = preflight(shards_dir, config.train, config.finetune)      # raises PlanError with the numbers
+    log.info("plan: %s", plan.get("summary", ""))
+    spec = {"data_dir": str(Path(shards_dir).resolve()), "out_dir": str(out.resolve()),
+            "train": config.train.model_dump(mode="json"), "finetune": config.finetune.model_dump(mode="json"),
+            "resume": resume, "max_steps_hint": plan.get("max_steps")}
+    opts = {"retries": config.runner.task_retries, "retry_delay_seconds": config.runner.retry_delay_s}
+    result = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir))
+    if not all(Path(p).exists() for p in result.get("outputs", [])):
+        result = train_task.with_options(refresh_cache=True, **opts)(spec, shards_fingerprint(shards_dir))
+    report(out, result, plan)
+    log.info("trained %s: %d steps, val loss %s, export %s", result["arch"], result["steps"], result["val_loss"],
+             result.get("export"))
+    return result
+
+
+@flow(name="train", log_prints=True)
+def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> dict:
+    return run_train(shards_dir, out_dir, config or RefineryConfig(), resume)
