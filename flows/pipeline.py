@@ -1,6 +1,6 @@
 """`refinery run`: the end-to-end job on the bundled real sample.
 
-Today it goes crawl -> extract -> curate -> shard; training joins when it lands.
+crawl -> extract -> curate -> shard -> train (a tiny decoder, exported in Hugging Face format).
 The crawl half is a demo of the real crawler: the bundled pages are served from
 sample/pages.warc.gz on 127.0.0.1 (so private hosts are allowed for this run only),
 crawled politely into WARC, then extracted together with the bundled real WARCs.
@@ -16,6 +16,7 @@ from flows.crawl import run_crawl
 from flows.curate import run_curate
 from flows.extract import run_extract
 from flows.shard import run_shard
+from flows.train import run_train
 from tasks.serve_warc import serve_pages
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
@@ -27,6 +28,7 @@ def run_flow(out_dir: str = "runs/sample", inputs: list[str] | None = None, craw
     cfg = config or RefineryConfig()
     log = get_run_logger()
     out = Path(out_dir)
+    inputs_given = bool(inputs)
     inputs = list(inputs or [str(SAMPLE / "warc")])
     crawl = None
     if crawl_demo:
@@ -41,10 +43,20 @@ def run_flow(out_dir: str = "runs/sample", inputs: list[str] | None = None, craw
     extract = run_extract(inputs, str(out / "extract"), cfg)
     funnel = run_curate([str(out / "extract")], str(out / "curate"), cfg)
     manifest = run_shard(str(out / "curate"), str(out / "shard"), cfg)
-    log.info("done: %d pages -> %d documents -> kept %d (%.2f%% of tokens) -> %d training tokens in %s",
-             extract["pages"], extract["docs"], funnel["kept"]["docs"], 100 * funnel["kept_token_ratio"],
-             manifest["splits"]["train"]["tokens"], out / "shard")
+    train_cfg = cfg
+    if not inputs_given and cfg.train.max_steps is None and cfg.train.max_tokens is None:
+        # the bundled sample keeps a few thousand tokens: one pass would be 1-2 steps, too few to see
+        # the loss fall, so the demo makes several passes (your own corpus trains as configured)
+        train_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "max_steps": 40, "seq_len": min(cfg.train.seq_len, 128), "val_every": 20, "checkpoint_every": 20})})
+    trained = run_train(str(out / "shard"), str(out / "train"), train_cfg)
+    log.info("done: %d pages -> %d documents -> kept %d (%.2f%% of tokens) -> %d training tokens -> "
+             "%s %s, val loss %s, exported to %s", extract["pages"], extract["docs"], funnel["kept"]["docs"],
+             100 * funnel["kept_token_ratio"], manifest["splits"]["train"]["tokens"], trained["arch"],
+             trained["preset"], trained["val_loss"], trained.get("export"))
     return {"crawl": crawl, "extract": {k: v for k, v in extract.items() if k != "shards"},
             "curate": {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")},
             "shard": {"vocab_size": manifest["tokenizer"]["vocab_size"],
-                      **{s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()}}}
+                      **{s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()}},
+            "train": {k: trained.get(k) for k in ("arch", "preset", "params", "steps", "tokens_seen", "first_loss",
+                                                  "final_loss", "val_loss", "val_ppl", "export")}}

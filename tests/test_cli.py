@@ -93,6 +93,14 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
     assert sorted(ids) == sorted(kept) and m["totals"]["docs"] == len(kept) == result["shard"]["train"]["docs"] + 1
     assert (sh / "tokenizer" / "tokenizer_config.json").is_file()
 
+    # training ran on those shards: a tiny decoder whose loss fell, exported, and it generates
+    tr = result["train"]
+    assert tr["arch"] == "decoder" and tr["steps"] == 40 and tr["final_loss"] < tr["first_loss"] - 1.0, tr
+    assert (out / "train" / "loss.png").is_file() and (Path(tr["export"]) / "model.safetensors").is_file()
+    p = subprocess.run(REFINERY + ["generate", tr["export"], "--prompt", "The", "--max-new-tokens", "5"],
+                       capture_output=True, text=True, cwd=ROOT, env=_env(prefect_api), timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("The"), p.stderr[-2000:]
+
     # `refinery shard` on its own, with a user tokenizer; a missing input is a clear error
     p = subprocess.run(REFINERY + ["shard", str(cur), "--out", str(tmp_path / "sh2"), "--tokenizer",
                                    str(sh / "tokenizer")], capture_output=True, text=True, cwd=ROOT,
@@ -102,3 +110,15 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
     p = subprocess.run(REFINERY + ["shard", str(tmp_path / "nothing"), "--out", str(tmp_path / "sh3")],
                        capture_output=True, text=True, cwd=ROOT, env=_env(prefect_api), timeout=300)
     assert p.returncode == 2 and "no curated documents" in p.stderr
+
+
+def test_plan_prints_the_chinchilla_pairing_and_memory():
+    p = subprocess.run(REFINERY + ["plan", "--params", "1.2e9", "--gpus", "8", "--gpu", "H100", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    plan = json.loads(p.stdout)
+    assert plan["tokens"] == 2.4e10 and plan["flops"] == 6 * 1.2e9 * 2.4e10 and plan["fits"]
+    assert plan["crawl"]["raw_tokens"] == 2.4e10 / 0.02
+    p = subprocess.run(REFINERY + ["plan", "--params", "7e9", "--gpu", "A100"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "does not fit" in p.stdout and "GiB per device" in p.stdout, p.stdout
