@@ -30,7 +30,8 @@ class LMModule(L.LightningModule):
     def __init__(self, model, objective: str, lr: float = 3e-4, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, max_steps: int = 1000,
                  min_lr_ratio: float = 0.1, seq_len: int = 0, peak_flops: float | None = None,
-                 activation_checkpointing: bool = False, fsdp: bool = False, nan_policy: str = "stop"):
+                 activation_checkpointing: bool = False, fsdp: bool = False, nan_policy: str = "stop",
+                 compile: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective
@@ -41,6 +42,9 @@ class LMModule(L.LightningModule):
         self.flops_per_token = flops_per_token(model.config, self.n_params, seq_len) if seq_len else 0.0
         self.peak_flops = peak_flops
         self.fsdp, self.nan_policy = fsdp, nan_policy
+        # the compiled wrapper is kept outside the module tree: checkpoints and exports hold the plain
+        # model's parameter names, so a compiled run resumes uncompiled and vice versa
+        object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.local_params = self.n_params
@@ -67,10 +71,10 @@ class LMModule(L.LightningModule):
         if self.objective == "causal":
             labels = batch["labels"]
             # prompt tuning prepends virtual tokens: score only the positions of real tokens
-            logits = self.model(input_ids=batch["input_ids"]).logits[:, -labels.size(1):]
+            logits = self._forward(input_ids=batch["input_ids"]).logits[:, -labels.size(1):]
             return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE)
-        return self.model(**batch).loss
+        return self._forward(**batch).loss
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self.loss(batch)

@@ -236,12 +236,10 @@ def run(spec: dict) -> dict:
         preflight(str(data_dir), cfg)       # also here: the entry point may be launched without the flow
     max_steps = plan_steps(cfg, dm, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
-    if cfg.compile:
-        model = torch.compile(model)
     module = LMModule(model, objective, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio, seq_len=cfg.seq_len,
                       peak_flops=detect_peak_flops(cfg), activation_checkpointing=cfg.activation_checkpointing,
-                      fsdp=cfg.strategy == "fsdp", nan_policy=cfg.nan_policy)
+                      fsdp=cfg.strategy == "fsdp", nan_policy=cfg.nan_policy, compile=cfg.compile)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = bool(spec.get("resume")) and last.exists()

@@ -215,3 +215,47 @@ def test_planner_refuses_a_run_that_cannot_fit_before_launching(shards, tmp_path
     with pytest.raises(PlanError, match=r"needs [\d.]+ GiB per device, has 16.0 GiB: weights"):
         train_flow(str(shards), str(tmp_path / "big"), cfg)
     assert not (tmp_path / "big" / "run.json").exists()           # refused before any process started
+
+
+@pytest.mark.parametrize("extra", [{"precision": "bf16-mixed"}, {"precision": "bf16-true"},
+                                   {"activation_checkpointing": True, "accumulate": 2, "peak_flops": 1e11}])
+def test_precisions_checkpointing_accumulation_and_mfu(shards, tmp_path, extra):
+    from models.train import run
+
+    out = tmp_path / "run"
+    result = run(spec(shards, out, max_steps=12, export=False, **extra))
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 13)) and curve[12] < curve[1] - 0.2, curve
+    acc = extra.get("accumulate", 1)
+    assert result["tokens_seen"] == 12 * acc * 4 * 64
+    if "peak_flops" in extra:        # MFU = tokens/s * FLOPs per token / peak, logged per step
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        assert all(0 < r["mfu"] < 1 for r in rows) and result["mfu"] > 0
+
+
+def test_nan_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path):
+    import lightning as L
+
+    from models.architectures import build_model, make_config
+    from models.data import ShardDataModule
+    from models.module import LMModule
+
+    class PoisonedAt(LMModule):  # the real training_step sees a NaN loss on the third batch
+        def loss(self, batch):
+            loss = super().loss(batch)
+            return loss * float("nan") if self.trainer.fit_loop.total_batch_idx == 2 else loss
+
+    def fit(policy: str) -> PoisonedAt:
+        dm = ShardDataModule(str(shards), seq_len=64, batch_size=4)
+        dm.setup()
+        model = build_model(make_config("decoder", "tiny", dm.vocab_size, 64, {"eos": dm.eos_id, "pad": dm.pad_id}))
+        module = PoisonedAt(model, "causal", max_steps=5, nan_policy=policy)
+        L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, limit_val_batches=0, default_root_dir=str(tmp_path)).fit(module, dm)
+        return module
+
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        fit("stop")
+    module = fit("skip")
+    assert module.skipped_batches == 1 and module.global_step == 5
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())   # nothing trained through the NaN
