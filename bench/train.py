@@ -1,6 +1,7 @@
 """Training throughput: our Lightning path against a plain PyTorch loop, same model, same batch, CPU.
 
     .venv/bin/python bench/train.py [--preset small] [--seq-len 256] [--batch-size 8] [--steps 40] [--rounds 2]
+    bench/gpu.sh     # on a GPU: 125m, bf16-mixed, seq 1024, torch.compile, with MFU
 
 Input: synthetic shards (bench/loader.py's corpus: Zipf ids over GPT-2's 50,257-id vocabulary,
 lognormal document lengths) and the same tokens as nanoGPT's train.bin.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from loader import EOS, MASK, PAD, VOCAB, make_corpus  # noqa: E402
 
-from models.architectures import build_model, make_config  # noqa: E402
+from models.architectures import build_model, flops_per_token, make_config, n_params  # noqa: E402
 from models.module import warmup_cosine  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def run_refinery(root: Path, out: Path, a) -> tuple[float, int]:
     run({"data_dir": str(root), "out_dir": str(out),
          "train": {"arch": "decoder", "preset": a.preset, "seq_len": a.seq_len, "batch_size": a.batch_size,
                    "max_steps": a.steps, "warmup_steps": 5, "lr": 1e-3, "val_every": 10 ** 6, "val_batches": 1,
-                   "checkpoint_every": 10 ** 6, "export": False}})
+                   "checkpoint_every": 10 ** 6, "export": False, "accelerator": a.accelerator,
+                   "precision": a.precision, "compile": a.compile}})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     a0, a1 = rows[a.skip - 1], rows[-1]
     return a1["elapsed_s"] - a0["elapsed_s"], a1["tokens"] - a0["tokens"]
@@ -50,8 +52,13 @@ def run_refinery(root: Path, out: Path, a) -> tuple[float, int]:
 
 def run_plain(bin_path: Path, a) -> tuple[float, int]:
     torch.manual_seed(0)
+    dev = "cuda" if a.accelerator == "gpu" else "cpu"
     model = build_model(make_config("decoder", a.preset, VOCAB, a.seq_len, {"eos": EOS, "pad": PAD, "mask": MASK}))
-    model.train()
+    model.to(dev).train()
+    if a.precision == "bf16-true":
+        model.to(torch.bfloat16)
+    fwd = torch.compile(model) if a.compile else model
+    autocast = a.precision in ("bf16-mixed", "16-mixed")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -66,7 +73,10 @@ def run_plain(bin_path: Path, a) -> tuple[float, int]:
         ix = torch.randint(len(data) - T, (B,))
         x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
-        logits = model(input_ids=x).logits
+        if dev == "cuda":  # nanoGPT: pinned memory, non-blocking copies
+            x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            logits = fwd(input_ids=x).logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -74,6 +84,8 @@ def run_plain(bin_path: Path, a) -> tuple[float, int]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += x.numel()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, tokens
 
 
@@ -85,6 +97,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,12 +114,19 @@ def main() -> None:
                 rate = tok / sec
                 best[name] = max(best.get(name, 0.0), rate)
                 print(f"round {r + 1} {name:9} {tok:9d} tokens {sec:7.2f} s {rate:9.0f} tok/s", flush=True)
-    n = sum(p.numel() for p in build_model(make_config("decoder", a.preset, VOCAB, a.seq_len,
-                                                       {"eos": EOS, "pad": PAD, "mask": MASK})).parameters())
-    print(f"decoder {a.preset} ({n / 1e6:.1f}M params, vocab {VOCAB}), B={a.batch_size} T={a.seq_len}, fp32, "
-          f"{torch.get_num_threads()} threads, steps {a.skip + 1}-{a.steps}, best of {a.rounds}")
-    print(f"plain PyTorch loop   {best['plain']:9.0f} tok/s")
-    print(f"refinery (Lightning) {best['refinery']:9.0f} tok/s")
+    config = make_config("decoder", a.preset, VOCAB, a.seq_len, {"eos": EOS, "pad": PAD, "mask": MASK})
+    n = n_params(build_model(config))
+    where = torch.cuda.get_device_name(0) if a.accelerator == "gpu" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"decoder {a.preset} ({n / 1e6:.1f}M params, vocab {VOCAB}), B={a.batch_size} T={a.seq_len}, "
+          f"{a.precision}{', compiled' if a.compile else ''}, {where}, steps {a.skip + 1}-{a.steps}, best of {a.rounds}")
+    peak = None
+    if a.accelerator == "gpu":
+        from models.planner import peak_flops
+        peak = peak_flops(torch.cuda.get_device_name(0), a.precision)
+    fpt = flops_per_token(config, n, a.seq_len)
+    for label, key in (("plain PyTorch loop  ", "plain"), ("refinery (Lightning)", "refinery")):
+        mfu = f"  MFU {best[key] * fpt / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else ""
+        print(f"{label} {best[key]:9.0f} tok/s{mfu}")
     print(f"ratio (ours / plain loop): {best['refinery'] / best['plain']:.3f}  (target >= 0.9)")
 
 

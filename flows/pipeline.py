@@ -22,8 +22,8 @@ from tasks.serve_warc import serve_pages
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
 
-@flow(name="refinery-run", log_prints=True)
-def run_flow(out_dir: str = "runs/sample", inputs: list[str] | None = None, crawl_demo: bool = True,
+@flow(name="data-to-model", log_prints=True)
+def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None, crawl_demo: bool = True,
              config: RefineryConfig | None = None) -> dict:
     cfg = config or RefineryConfig()
     log = get_run_logger()
@@ -60,3 +60,6 @@ def run_flow(out_dir: str = "runs/sample", inputs: list[str] | None = None, craw
                       **{s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()}},
             "train": {k: trained.get(k) for k in ("arch", "preset", "params", "steps", "tokens_seen", "first_loss",
                                                   "final_loss", "val_loss", "val_ppl", "export")}}
+
+
+run_flow = data_to_model  # `refinery run` is this flow

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -172,3 +173,12 @@ def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: boo
 @flow(name="train", log_prints=True)
 def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> dict:
     return run_train(shards_dir, out_dir, config or RefineryConfig(), resume)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow(base: str, shards_dir: str, out_dir: str, method: Literal["full", "lora", "prompt", "qlora"] = "lora",
+                  config: RefineryConfig | None = None, resume: bool = False) -> dict:
+    """Fine-tune `base` (our export, a Hugging Face folder or a GGUF file) on shards made with its tokenizer."""
+    cfg = config or RefineryConfig()
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"base": base, "method": method})})
+    return run_train(shards_dir, out_dir, cfg, resume)
