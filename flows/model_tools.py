@@ -54,6 +54,6 @@ def generate(args, cfg: RefineryConfig) -> int:
 def quantize(args, cfg: RefineryConfig) -> int:
     from models import quantize as q
 
-    report = q.quantize_export(args.model, args.out, data_dir=args.data, max_batches=args.batches)
+    report = q.quantize_folder(args.model, args.out, data_dir=args.data, max_batches=args.batches)
     print(json.dumps(report, indent=2))
     return 0

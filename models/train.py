@@ -213,6 +213,9 @@ def run(spec: dict) -> dict:
     model, ft_report, arch = None, None, cfg.arch
     if ft.base:                          # fine-tuning: the base decides the architecture
         from models import finetune
+        if cfg.strategy == "fsdp":
+            raise ValueError("fine-tuning runs with ddp (or one device): LoRA and prompt tuning train ~1-2% of the "
+                             "weights, the frozen base is replicated; set train.strategy=ddp")
         model, _ = finetune.load_base(ft.base)
         arch = arch_of(model.config)
     objective = OBJECTIVE[arch]
@@ -280,7 +283,8 @@ def run(spec: dict) -> dict:
             module.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["state_dict"])
         if ft.base:
             from models import finetune
-            result["export"] = finetune.export_finetuned(module.model, ft.method, data_dir / "tokenizer", out / "hf")
+            paths = finetune.export_finetuned(module.model, ft.method, data_dir / "tokenizer", out / "hf")
+            result["export"], result["export_paths"] = paths["hf"], paths
         else:
             result["export"] = str(export_hf(module, data_dir, out))
     write_text_atomic(json.dumps(result, indent=2), out / "result.json")
