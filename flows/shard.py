@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 
 from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
@@ -74,6 +75,9 @@ def run_shard(input_dir: str, out_dir: str, config: RefineryConfig) -> dict:
     remove_unlisted(out, manifest)
     write_text_atomic(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
     report(out, manifest, tok)
+    # what `serve.chain_train` listens for: a deployment trigger starts training on these shards
+    emit_event("refinery.shard.completed", resource={"prefect.resource.id": f"refinery.shards.{out.resolve()}"},
+               payload={"out_dir": str(out.resolve()), "train_tokens": manifest["splits"]["train"]["tokens"]})
     return manifest
 
 

@@ -22,6 +22,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 
 from flows import progress
@@ -30,6 +31,7 @@ from flows.config import RefineryConfig
 from tasks.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
+GPU_LIMIT = "refinery-gpu"
 
 
 def launch_command(spec_path: Path, devices: int, nodes: int) -> list[str]:
@@ -161,9 +163,12 @@ def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: boo
             "train": config.train.model_dump(mode="json"), "finetune": config.finetune.model_dump(mode="json"),
             "resume": resume, "max_steps_hint": plan.get("max_steps")}
     opts = {"retries": config.runner.task_retries, "retry_delay_seconds": config.runner.retry_delay_s}
-    result = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir))
-    if not all(Path(p).exists() for p in result.get("outputs", [])):
-        result = train_task.with_options(refresh_cache=True, **opts)(spec, shards_fingerprint(shards_dir))
+    # one training run per device: served deployments create this global limit with one slot (without
+    # it, e.g. under `refinery run`, this is a no-op)
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        result = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir))
+        if not all(Path(p).exists() for p in result.get("outputs", [])):
+            result = train_task.with_options(refresh_cache=True, **opts)(spec, shards_fingerprint(shards_dir))
     report(out, result, plan)
     log.info("trained %s: %d steps, val loss %s, export %s", result["arch"], result["steps"], result["val_loss"],
              result.get("export"))
