@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crawl-demo", action="store_true", help="skip the loopback crawl of bundled pages")
     _common(p)
 
+    p = sub.add_parser("serve", help="serve every deployment from this process (a Prefect server must be set)")
+    _common(p)
+
     p = sub.add_parser("config", help="print the effective configuration")
     _common(p)
     return ap
@@ -177,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "serve":
+        import runpy
+        from pathlib import Path
+
+        serve = runpy.run_path(str(Path(__file__).resolve().parent.parent / "deployments" / "serve.py"))
+        serve["main"]((["--config", args.config] if args.config else []) + [x for v in args.set for x in ("--set", v)])
         return 0
     if args.command in ("plan", "generate", "quantize"):
         from flows import model_tools

@@ -252,10 +252,27 @@ class FinetuneConfig(_Model):
     prompt_tokens: int = Field(20, ge=1, le=1000, description="virtual tokens of prompt tuning")
 
 
+class ServeConfig(_Model):
+    """`refinery serve`: the deployments one process serves (deployments/serve.py)."""
+    crawl_cron: str | None = Field("0 3 * * *", description="cron (UTC) of the scheduled crawl; null: no schedule")
+    crawl_seeds: str = Field("data/seeds.txt", description="seed file of the scheduled crawl")
+    crawl_out: str = Field("data/crawl", description="output folder of the scheduled crawl")
+    chain_train: bool = Field(False, description="a completed `shard` run triggers `train` on its output")
+    limit: int = Field(4, ge=1, description="flow runs the serve process runs at once")
+
+
 class RunnerConfig(_Model):
-    task_retries: int = Field(2, ge=0, le=20)
-    retry_delay_s: float = Field(2.0, ge=0)
-    shard_concurrency: int = Field(1, ge=1, le=1024, description="shard tasks run at once")
+    """Where the data stages' shard tasks run: threads of this process, or a Dask cluster."""
+    task_retries: int = Field(2, ge=0, le=20, description="retries of a failed shard task")
+    retry_delay_s: float = Field(2.0, ge=0, description="seconds between a task's retries")
+    shard_concurrency: int = Field(1, ge=1, le=1024, description="shard tasks run at once (kind: threads)")
+    kind: Literal["threads", "dask"] = Field(
+        "threads", description="threads: a thread pool in this process; dask: a Dask cluster (prefect-dask)")
+    dask_address: str | None = Field(
+        None, min_length=1, description="scheduler of a running Dask cluster, e.g. tcp://host:8786; default: "
+                                        "$REFINERY_DASK_ADDRESS, else a LocalCluster started for the run")
+    dask_workers: int = Field(2, ge=1, le=1024, description="worker processes of a LocalCluster (kind: dask)")
+    dask_threads_per_worker: int = Field(1, ge=1, le=256, description="threads per LocalCluster worker process")
 
 
 class RefineryConfig(_Model):
@@ -266,6 +283,7 @@ class RefineryConfig(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import ExtractConfig, RefineryConfig
+from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
 from tasks.extract import extract_shard, shard_inputs
 from tasks.io import remove_stale_temporaries, write_text_atomic
 
@@ -80,7 +80,3 @@ def summarize(results: list[dict]) -> dict:
 @flow(name="extract", log_prints=True)
 def extract_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
     return run_extract(inputs, out_dir, config or RefineryConfig())
-
-
-def with_concurrency(f, config: RefineryConfig):
-    return f.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.runner.shard_concurrency))

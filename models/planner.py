@@ -433,7 +433,7 @@ class Plan:
     def summary(self) -> str:
         t = fmt_hours(self.hours) if self.hours is not None else "time unknown"
         return (f"{fmt_count(self.params)} params on {fmt_count(self.tokens)} tokens "
-                f"({self.tokens_per_param:.0f}/param), {fmt_flops(self.flops)} FLOPs, {t} on "
+                f"({self.tokens_per_param:.3g}/param), {fmt_flops(self.flops)} FLOPs, {t} on "
                 f"{self.world_size} x {self.gpu}; {fmt_bytes(self.memory.total)} per device"
                 + ("" if self.fits else " (does not fit)"))
 
