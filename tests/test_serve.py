@@ -18,6 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def post(url: str, **kw) -> httpx.Response:
+    """POST as Prefect's own client does: a busy SQLite-backed server may answer 503 (or 429) for a
+    moment; retry those with a backoff, return anything else."""
+    for attempt in range(8):
+        r = httpx.post(url, timeout=30, **kw)
+        if r.status_code not in (429, 502, 503):
+            return r
+        time.sleep(1 + attempt)
+    return r
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +85,7 @@ def served(tmp_path_factory):
         procs.append(serve)
 
         def deployments():
-            r = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+            r = post(f"{api}/deployments/filter", json={}).json()
             return {d["name"]: d for d in r} if len(r) >= 7 else None
 
         deps = wait_for(deployments, 240, "the served deployments", procs)
@@ -93,7 +104,7 @@ def test_every_deployment_is_served_and_crawl_is_scheduled(served):
     crons = [s["schedule"].get("cron") for s in deps["crawl"]["schedules"]]
     assert crons == ["15 4 * * *"]
     assert deps["crawl"]["parameters"]["seeds_file"].endswith("seeds.txt")
-    limits = httpx.post(f"{served['api']}/v2/concurrency_limits/filter", json={}, timeout=10).json()
+    limits = post(f"{served['api']}/v2/concurrency_limits/filter", json={}).json()
     assert any(x["name"] == "refinery-gpu" and x["limit"] == 1 for x in limits)
 
 
@@ -103,15 +114,14 @@ def test_a_wrong_parameter_is_refused_and_creates_no_run(served):
     api, dep = served["api"], served["deployments"]["data-to-model"]
 
     def runs() -> int:
-        return len(httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}},
-                              timeout=10).json())
+        return len(post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}}).json())
 
     before = runs()
     for bad in ({"crawl_demo": "sometimes"}, {"config": {"train": {"preset": "huge"}}},
                 {"config": {"crawl": {"concurrency": -3}}}, {"no_such_parameter": 1}):
-        r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad}, timeout=30)
+        r = post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
         assert r.status_code == 409 and "Validation failed" in r.text, (bad, r.status_code, r.text[:500])
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": "not an object"}, timeout=30)
+    r = post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": "not an object"})
     assert r.status_code == 422, r.text[:500]
     assert runs() == before
 
@@ -119,13 +129,15 @@ def test_a_wrong_parameter_is_refused_and_creates_no_run(served):
 def test_api_triggered_data_to_model_completes_with_outputs_and_artifacts(served):
     api, dep, tmp = served["api"], served["deployments"]["data-to-model"], served["tmp"]
     out = tmp / "run"
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run",
-                   json={"parameters": {"out_dir": str(out)}}, timeout=30)
+    r = post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"out_dir": str(out)}})
     assert r.status_code == 201, r.text[:1000]
     run_id = r.json()["id"]
 
     def finished():
-        state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
+        r = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+        if r.status_code != 200:
+            return None                     # a busy server's 503: ask again
+        state = r.json()["state"]
         return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
     state = wait_for(finished, 900, "the data-to-model run", served["procs"])
@@ -137,8 +149,7 @@ def test_api_triggered_data_to_model_completes_with_outputs_and_artifacts(served
     assert result["steps"] == 40 and Path(result["export"], "model.safetensors").is_file()
 
     # the story of the run, through the REST API: funnel, shards, tokenizer, training, progress
-    arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
-                      timeout=10).json()
+    arts = post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     keys = {a["key"] for a in arts if a["key"]}
     assert {"curation-funnel", "curation-summary", "extract-progress", "tokenizer-report", "train-loss", "train-summary", "train-progress"} <= keys, keys
     summary = next(a for a in arts if a["key"] == "train-summary")
