@@ -9,7 +9,9 @@ Parameters are typed (pydantic), and every deployment enforces its parameter sch
 answers 422 to a run with a wrong parameter, so no run is created that would crash on it.
 `train` and `finetune` take the `refinery-gpu` global concurrency limit (1 slot, created here): two
 training runs never share a device. With `serve.chain_train`, a completed `shard` run (its
-`refinery.shard.completed` event) starts `train` on that run's output.
+`refinery.shard.completed` event) starts `train` on that run's output. Served runs may only read and
+write under `serve.data_roots` (flows/guard.py): a path parameter pointing elsewhere fails the run
+before it touches anything.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 GPU_LIMIT = "refinery-gpu"
+ENV = "REFINERY_DATA_ROOTS"     # flows.guard.ENV, without importing flows before the path is set
 
 
 def closed(deployment):
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    # served runs inherit this: every flow refuses paths outside these roots (flows/guard.py)
+    os.environ[ENV] = os.pathsep.join(str(Path(r).resolve()) for r in cfg.serve.data_roots)
     ensure_gpu_limit()
     serve(*build_deployments(cfg), limit=cfg.serve.limit, print_starting_message=True)
 

@@ -259,6 +259,9 @@ class ServeConfig(_Model):
     crawl_out: str = Field("data/crawl", description="output folder of the scheduled crawl")
     chain_train: bool = Field(False, description="a completed `shard` run triggers `train` on its output")
     limit: int = Field(4, ge=1, description="flow runs the serve process runs at once")
+    data_roots: list[str] = Field(default_factory=lambda: ["data", "runs"], min_length=1,
+                                  description="the only folders API-triggered runs may read and write (the "
+                                              "bundled sample is readable too); relative to the serve process")
 
 
 class RunnerConfig(_Model):

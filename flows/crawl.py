@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import progress
 from flows.config import CrawlConfig, RefineryConfig
+from flows.guard import confine
 from tasks.fetch import crawl
 
 
@@ -43,4 +44,6 @@ def run_crawl(seeds: list[str], out_dir: str, config: RefineryConfig) -> dict:
 
 @flow(name="crawl", log_prints=True)
 def crawl_flow(seeds_file: str, out_dir: str, config: RefineryConfig | None = None) -> dict:
-    return run_crawl(read_seeds(seeds_file), out_dir, config or RefineryConfig())
+    cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"seeds_file": seeds_file}, config=cfg)
+    return run_crawl(read_seeds(seeds_file), out_dir, cfg)

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import CurateConfig, RefineryConfig
+from flows.guard import confine
 from flows.extract import run_extract
 from tasks import curate as steps
 from tasks.extract import shard_inputs
@@ -245,4 +246,6 @@ def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
 
 @flow(name="curate", log_prints=True)
 def curate_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
-    return run_curate(inputs, out_dir, config or RefineryConfig())
+    cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
+    return run_curate(inputs, out_dir, cfg)

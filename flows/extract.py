@@ -13,6 +13,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import ExtractConfig, RefineryConfig
+from flows.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
 from tasks.extract import extract_shard, shard_inputs
 from tasks.io import remove_stale_temporaries, write_text_atomic
@@ -79,4 +80,6 @@ def summarize(results: list[dict]) -> dict:
 
 @flow(name="extract", log_prints=True)
 def extract_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
-    return run_extract(inputs, out_dir, config or RefineryConfig())
+    cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
+    return run_extract(inputs, out_dir, cfg)

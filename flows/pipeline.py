@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.config import RefineryConfig
+from flows.guard import confine
 from flows.crawl import run_crawl
 from flows.curate import run_curate
 from flows.extract import run_extract
@@ -26,6 +27,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None, crawl_demo: bool = True,
              config: RefineryConfig | None = None) -> dict:
     cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
     log = get_run_logger()
     out = Path(out_dir)
     inputs_given = bool(inputs)

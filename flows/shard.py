@@ -18,6 +18,7 @@ from prefect.events import emit_event
 from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import RefineryConfig, ShardConfig
+from flows.guard import confine
 from tasks import shard as steps
 from tasks.io import file_sha256, remove_stale_temporaries, write_text_atomic
 from tasks.shard_format import FORMAT, SPLITS
@@ -135,4 +136,6 @@ def report(out: Path, manifest: dict, tok: dict) -> None:
 
 @flow(name="shard", log_prints=True)
 def shard_flow(input_dir: str, out_dir: str, config: RefineryConfig | None = None) -> dict:
-    return run_shard(input_dir, out_dir, config or RefineryConfig())
+    cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"input_dir": input_dir}, config=cfg)
+    return run_shard(input_dir, out_dir, cfg)

@@ -28,6 +28,7 @@ from prefect.context import get_run_context
 from flows import progress
 from flows.caching import code_version
 from flows.config import RefineryConfig
+from flows.guard import confine
 from tasks.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +178,9 @@ def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: boo
 
 @flow(name="train", log_prints=True)
 def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> dict:
-    return run_train(shards_dir, out_dir, config or RefineryConfig(), resume)
+    cfg = config or RefineryConfig()
+    confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)
+    return run_train(shards_dir, out_dir, cfg, resume)
 
 
 @flow(name="finetune", log_prints=True)
@@ -186,4 +189,5 @@ def finetune_flow(base: str, shards_dir: str, out_dir: str, method: Literal["ful
     """Fine-tune `base` (our export, a Hugging Face folder or a GGUF file) on shards made with its tokenizer."""
     cfg = config or RefineryConfig()
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"base": base, "method": method})})
+    confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)   # the config holds base
     return run_train(shards_dir, out_dir, cfg, resume)

@@ -78,7 +78,7 @@ def served(tmp_path_factory):
         wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", procs)
         cfg = tmp / "refinery.yaml"
         cfg.write_text(json.dumps({"serve": {"crawl_cron": "15 4 * * *", "crawl_seeds": str(tmp / "seeds.txt"),
-                                             "crawl_out": str(tmp / "crawl")}}))
+                                             "crawl_out": str(tmp / "crawl"), "data_roots": [str(tmp / "data")]}}))
         serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(cfg)],
                                  env=env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
                                  start_new_session=True)
@@ -128,7 +128,7 @@ def test_a_wrong_parameter_is_refused_and_creates_no_run(served):
 
 def test_api_triggered_data_to_model_completes_with_outputs_and_artifacts(served):
     api, dep, tmp = served["api"], served["deployments"]["data-to-model"], served["tmp"]
-    out = tmp / "run"
+    out = tmp / "data" / "run"
     r = post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"out_dir": str(out)}})
     assert r.status_code == 201, r.text[:1000]
     run_id = r.json()["id"]
@@ -154,3 +154,21 @@ def test_api_triggered_data_to_model_completes_with_outputs_and_artifacts(served
     assert {"curation-funnel", "curation-summary", "extract-progress", "tokenizer-report", "train-loss", "train-summary", "train-progress"} <= keys, keys
     summary = next(a for a in arts if a["key"] == "train-summary")
     assert "val_ppl" in summary["data"]
+
+
+def test_a_run_pointed_outside_the_data_roots_fails_before_writing(served):
+    api, dep, tmp = served["api"], served["deployments"]["shard"], served["tmp"]
+    escape = tmp / "data" / ".." / "escaped"
+    r = post(f"{api}/deployments/{dep['id']}/create_flow_run",
+             json={"parameters": {"input_dir": str(tmp / "data"), "out_dir": str(escape)}})
+    assert r.status_code == 201, r.text[:500]
+    run_id = r.json()["id"]
+
+    def finished():
+        r = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+        state = r.json()["state"] if r.status_code == 200 else None
+        return state if state and state["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+    state = wait_for(finished, 300, "the refused run", served["procs"])
+    assert state["type"] == "FAILED" and "outside the data roots" in state["message"], state
+    assert not (tmp / "escaped").exists()

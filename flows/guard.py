@@ -1,0 +1,70 @@
+"""Data roots: where API-triggered runs may read and write.
+
+A served deployment takes its paths from whoever can reach the API. `deployments/serve.py` sets
+REFINERY_DATA_ROOTS (from `serve.data_roots`), and every flow checks its path parameters and the
+path fields of its config against it before it touches anything. A path is allowed when it
+resolves, symlinks and `..` included, to a root or below one. The bundled `sample/` and the bias
+groups file are readable too, because the defaults use them. Without the variable, as on the
+command line, paths are the user's own business and nothing is checked.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "REFINERY_DATA_ROOTS"
+REPO = Path(__file__).resolve().parent.parent
+ALSO_READABLE = (REPO / "sample", REPO / "tasks" / "bias_groups.yaml")
+# config fields that name files or folders the run reads (checked wherever they occur in the config)
+PATH_FIELDS = {"model_path", "reference", "training_data", "wordlist", "groups_file", "tokenizer_path",
+               "compare_tokenizer", "base"}
+
+
+class PathNotAllowed(PermissionError):
+    """A path outside the data roots of this server."""
+
+
+def roots() -> list[Path]:
+    return [Path(r).resolve() for r in os.environ.get(ENV, "").split(os.pathsep) if r]
+
+
+def _inside(p: Path, allowed: list[Path]) -> bool:
+    return any(p == r or r in p.parents for r in allowed)
+
+
+def _check(name: str, value: str, allowed: list[Path]) -> None:
+    p = Path(value).resolve()
+    if not _inside(p, allowed):
+        raise PathNotAllowed(f"{name}={value!r} resolves to {p}, outside the data roots of this server "
+                             f"({', '.join(map(str, roots()))}; serve.data_roots)")
+
+
+def _config_reads(node, prefix: str = "config") -> list[tuple[str, str]]:
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in PATH_FIELDS and v:
+                found += [(f"{prefix}.{k}", x) for x in (v if isinstance(v, list) else [v])]
+            else:
+                found += _config_reads(v, f"{prefix}.{k}")
+    return found
+
+
+def confine(writes: dict | None = None, reads: dict | None = None, config=None) -> None:
+    """Raise PathNotAllowed unless every written path is under a data root and every read path is
+    under a root or a bundled read-only location. A no-op when no roots are set."""
+    allowed = roots()
+    if not allowed:
+        return
+    readable = allowed + [p.resolve() for p in ALSO_READABLE]
+    for name, value in (writes or {}).items():
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None:
+                _check(name, str(v), allowed)
+    for name, value in (reads or {}).items():
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None:
+                _check(name, str(v), readable)
+    if config is not None:
+        for name, v in _config_reads(config.model_dump(mode="json")):
+            _check(name, str(v), readable)

@@ -1,0 +1,64 @@
+"""Data roots of served runs (flows/guard.py): pure checks, then a real flow refused before it writes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flows.config import RefineryConfig
+from flows.guard import ENV, PATH_FIELDS, PathNotAllowed, confine
+
+
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv(ENV, str(root))
+    return root
+
+
+def test_paths_under_a_root_pass_and_escapes_are_refused(roots, tmp_path):
+    confine(writes={"out_dir": str(roots / "run" / "x")}, reads={"inputs": [str(roots / "a.warc.gz")]})
+    for bad in (str(tmp_path / "elsewhere"), str(roots / ".." / "escaped"), "/etc", str(roots) + "-sibling"):
+        with pytest.raises(PathNotAllowed, match="outside the data roots"):
+            confine(writes={"out_dir": bad})
+    (roots / "link").symlink_to(tmp_path)                   # a symlink inside that points outside
+    with pytest.raises(PathNotAllowed, match="out_dir="):
+        confine(writes={"out_dir": str(roots / "link" / "run")})
+
+
+def test_the_bundled_sample_is_readable_not_writable_and_config_paths_are_checked(roots, tmp_path):
+    from flows.config import SAMPLE
+
+    cfg = RefineryConfig()                                  # its defaults read bundled files only
+    confine(reads={"inputs": [str(SAMPLE / "warc")]}, config=cfg)
+    with pytest.raises(PathNotAllowed):
+        confine(writes={"out_dir": str(SAMPLE / "out")})
+    evil = RefineryConfig.model_validate({"finetune": {"base": "/root/model.gguf"},
+                                          "curate": {"quality": {"reference": [str(roots), "/home"]}}})
+    with pytest.raises(PathNotAllowed, match=r"config\.(finetune\.base|curate\.quality\.reference)"):
+        confine(config=evil)
+
+
+def test_every_path_like_config_field_is_covered():
+    """A new config field naming a file must be added to PATH_FIELDS, or served runs could read anywhere."""
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif k.endswith(("_path", "_file", "_dir", "_data")) or (isinstance(v, str) and os.path.isabs(v)) or \
+                    (isinstance(v, list) and any(isinstance(x, str) and os.path.isabs(x) for x in v)):
+                yield f"{prefix}{k}", k
+    serve_only = {"serve.crawl_seeds", "serve.crawl_out"}   # the served defaults themselves, set by the operator
+    missing = [path for path, k in walk(RefineryConfig().model_dump(mode="json"))
+               if k not in PATH_FIELDS and path not in serve_only]
+    assert not missing, missing
+
+
+def test_a_flow_with_an_outside_path_fails_before_writing(roots, tmp_path, prefect_api):
+    from flows.shard import shard_flow
+
+    out = tmp_path / "outside"
+    with pytest.raises(PathNotAllowed):
+        shard_flow(str(roots), str(out))
+    assert not out.exists()
