@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,28 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path):
     module = fit("skip")
     assert module.skipped_batches == 1 and module.global_step == 5
     assert all(torch.isfinite(p).all() for p in module.model.parameters())   # nothing trained through the NaN
+
+
+def test_a_corrupt_or_missing_shard_fails_the_run_fast_naming_the_file(shards, tmp_path, prefect_api):
+    """Through the train flow, as a user meets it: the trainer process stops before step 1 and the
+    flow's error carries the shard's path."""
+    import shutil
+
+    from flows.config import RefineryConfig
+    from flows.train import train_flow
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    victim = sorted((bad / "train").glob("*.parquet"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                  # one flipped byte: same size, other sha256
+    victim.write_bytes(bytes(data))
+    cfg = RefineryConfig.model_validate({"runner": {"task_retries": 0}, "train": {**BASE, "max_steps": 5}})
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=f"{victim}: sha256 does not match the manifest"):
+        train_flow(str(bad), str(tmp_path / "run-corrupt"), cfg)
+    assert not (tmp_path / "run-corrupt" / "metrics.jsonl").exists()   # no step was trained
+    victim.unlink()
+    with pytest.raises(RuntimeError, match=f"{victim}: shard missing"):
+        train_flow(str(bad), str(tmp_path / "run-missing"), cfg)
+    print(f"both refused in {time.time() - t0:.1f} s")
