@@ -100,14 +100,25 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def plan_steps(cfg: TrainConfig, dm: ShardDataModule, world: int) -> int:
-    """max_steps from the config, else from max_tokens or one pass over the train tokens."""
-    per_step = cfg.batch_size * dm.step * world * cfg.accumulate
+def plan_steps(cfg: TrainConfig, step: int, train_tokens: int, world: int) -> tuple[int, int]:
+    """(optimizer steps, batches per epoch on one rank). The one place a run's length is derived,
+    for the preflight planner and the trainer alike. `step` is the stream tokens one sequence
+    consumes (seq_len; for span corruption the longer uncorrupted length): max_tokens wins, then
+    max_steps, else one pass over the train tokens."""
+    per_batch = cfg.batch_size * step * world
+    per_step = per_batch * cfg.accumulate
+    epoch = max(1, train_tokens // per_batch)
     if cfg.max_tokens:
-        return max(1, cfg.max_tokens // per_step)
-    if cfg.max_steps:
-        return cfg.max_steps
-    return max(1, dm.manifest["splits"]["train"]["tokens"] // per_step)
+        return max(1, cfg.max_tokens // per_step), epoch
+    return cfg.max_steps or max(1, train_tokens // per_step), epoch
+
+
+def stream_step(shards_dir: str, cfg: TrainConfig, objective: str) -> int:
+    """Stream tokens per sequence, as the data module will cut them (no shard is read)."""
+    if objective != "span":
+        return cfg.seq_len
+    return ShardDataModule(shards_dir, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                           objective=objective)._span_lengths()[0]
 
 
 def strategy_for(cfg: TrainConfig):
@@ -178,9 +189,11 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     manifest = load_manifest(shards_dir)
     tok = manifest["tokenizer"]
     world = cfg.devices * cfg.nodes
-    per_step = cfg.batch_size * cfg.seq_len * world * cfg.accumulate
-    steps = (max(1, cfg.max_tokens // per_step) if cfg.max_tokens else cfg.max_steps
-             or max(1, manifest["splits"]["train"]["tokens"] // per_step))
+    # fine-tuning: the base's architecture is unknown until it loads; its objective is causal or mlm
+    objective = "causal" if ft is not None and ft.base else OBJECTIVE[cfg.arch]
+    step = stream_step(shards_dir, cfg, objective)
+    per_step = cfg.batch_size * step * world * cfg.accumulate
+    steps, _ = plan_steps(cfg, step, manifest["splits"]["train"]["tokens"], world)
     if ft is not None and ft.base:
         return {"summary": f"fine-tuning {ft.base} with {ft.method}: {steps} steps of {per_step:,} tokens",
                 "max_steps": steps}
@@ -237,7 +250,7 @@ def run(spec: dict) -> dict:
     world = cfg.devices * cfg.nodes
     if not ft.base:
         preflight(str(data_dir), cfg)       # also here: the entry point may be launched without the flow
-    max_steps = plan_steps(cfg, dm, world)
+    max_steps, epoch_batches = plan_steps(cfg, dm.step, dm.manifest["splits"]["train"]["tokens"], world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
     module = LMModule(model, objective, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio, seq_len=cfg.seq_len,
@@ -255,7 +268,7 @@ def run(spec: dict) -> dict:
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.nodes, strategy=strategy_for(cfg),
         precision=cfg.precision, max_steps=max_steps, accumulate_grad_batches=cfg.accumulate,
         gradient_clip_val=cfg.grad_clip or None,
-        val_check_interval=min(cfg.val_every * cfg.accumulate, len_or(dm, world, cfg)),
+        val_check_interval=min(cfg.val_every * cfg.accumulate, epoch_batches),
         check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
         logger=[CSVLogger(str(out), name="logs", version=""), TensorBoardLogger(str(out), name="tb", version="")],
         callbacks=[checkpoint, MetricsFile(metrics_path)] + kill_switch(), log_every_n_steps=cfg.log_every,
@@ -294,12 +307,6 @@ def run(spec: dict) -> dict:
 def kill_switch() -> list[Callback]:
     step = os.environ.get("REFINERY_KILL_AT_STEP")
     return [KillAt(int(step))] if step else []
-
-
-def len_or(dm: ShardDataModule, world: int, cfg: TrainConfig) -> int:
-    """Batches per epoch on one rank (val_check_interval may not exceed it)."""
-    per = cfg.batch_size * dm.step * world
-    return max(1, dm.manifest["splits"]["train"]["tokens"] // per)
 
 
 def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, steps: int, wall: float,

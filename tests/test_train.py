@@ -99,6 +99,25 @@ def test_each_architecture_learns_and_exports(shards, tmp_path, arch):
     reload_and_compare(out, batch)
 
 
+@pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
+@pytest.mark.parametrize("limit", [{}, {"max_tokens": 5000}])
+def test_planner_and_trainer_derive_the_same_run_length(shards, arch, limit):
+    """The preflight planner reads only the manifest, the trainer the data module: both must count
+    the same steps (span corruption consumes more stream tokens per sequence than seq_len)."""
+    from flows.config import TrainConfig
+    from models.architectures import OBJECTIVE
+    from models.data import ShardDataModule
+    from models.train import plan_steps, preflight
+
+    cfg = TrainConfig(**{**BASE, "arch": arch, **limit})
+    dm = ShardDataModule(str(shards), seq_len=cfg.seq_len, batch_size=cfg.batch_size, objective=OBJECTIVE[arch])
+    dm.setup()
+    trainer_steps, _ = plan_steps(cfg, dm.step, dm.manifest["splits"]["train"]["tokens"], 1)
+    assert preflight(str(shards), cfg)["max_steps"] == trainer_steps
+    if arch == "encoder-decoder":
+        assert dm.step > cfg.seq_len
+
+
 def reference_losses(shards: Path, steps: int, per_rank: dict) -> list[float]:
     """One process, plain loop, the same model init and the two ranks' batches concatenated:
     what DDP must reproduce (gradients averaged over ranks = gradient of the double batch)."""
