@@ -103,6 +103,19 @@ def _valid_codec(name: str | None) -> str | None:
         return None
 
 
+def _normalize(name: str | None) -> str | None:
+    v = _valid_codec(name)
+    # pages labelled latin-1 are nearly always windows-1252 (as browsers assume)
+    return "cp1252" if v in ("latin_1", "iso8859-1", "ascii") else v
+
+
+def _declared(body: bytes, header_charset: str | None) -> list[str]:
+    """Charsets the page claims: HTTP header, then XML declaration and <meta>."""
+    head = body[:4096]
+    return [header_charset or ""] + [m.group(1).decode("ascii", "ignore")
+                                     for m in (_XML_ENCODING.search(head), _META_CHARSET.search(head)) if m]
+
+
 def sniff_charset(body: bytes, header_charset: str | None) -> list[str]:
     """Candidate charsets, most trusted first: BOM, UTF-8, HTTP header, <meta>/XML declaration."""
     cands: list[str] = []
@@ -110,16 +123,10 @@ def sniff_charset(body: bytes, header_charset: str | None) -> list[str]:
         if body.startswith(bom):
             cands.append(name)
     # valid UTF-8 with non-ASCII bytes is almost never an accident, while labels often are
-    cands += ["utf-8", header_charset or ""]
-    head = body[:4096]
-    for m in (_XML_ENCODING.search(head), _META_CHARSET.search(head)):
-        if m:
-            cands.append(m.group(1).decode("ascii", "ignore"))
+    cands += ["utf-8"] + _declared(body, header_charset)
     seen, out = set(), []
     for c in cands:
-        v = _valid_codec(c)
-        # pages labelled latin-1 are nearly always windows-1252 (as browsers assume)
-        v = "cp1252" if v in ("latin_1", "iso8859-1", "ascii") else v
+        v = _normalize(c)
         if v and v not in seen:
             seen.add(v)
             out.append(v)
@@ -127,20 +134,48 @@ def sniff_charset(body: bytes, header_charset: str | None) -> list[str]:
 
 
 def to_text(body: bytes, header_charset: str | None = None) -> tuple[str, str]:
-    """Decode bytes to str; returns (text, charset used).
+    """Decode bytes to str; returns (text, charset used). See `decode_text`."""
+    text, charset, _ = decode_text(body, header_charset)
+    return text, charset
+
+
+def decode_text(body: bytes, header_charset: str | None = None) -> tuple[str, str, str | None]:
+    """Decode bytes to str; returns (text, charset used, repair or None).
 
     A declared charset is used only if the bytes really decode in it: mislabelled
     pages are common, so a failing label falls through to UTF-8, then detection.
+    The repair says what was wrong with a page that still decoded: "charset label
+    wrong" (it decoded in another charset than it claims) or "invalid utf-8 replaced".
     """
+    text, charset, repair = _decode(body, header_charset)
+    if repair is None and not body.isascii():
+        label = next((v for v in map(_normalize, _declared(body, header_charset)) if v), None)
+        if label and label != _normalize(charset):
+            repair = "charset label wrong"
+    return text, charset, repair
+
+
+def _decode(body: bytes, header_charset: str | None) -> tuple[str, str, str | None]:
     for cs in sniff_charset(body, header_charset) + ["utf-8"]:
         try:
-            return body.decode(cs), cs
+            return body.decode(cs), cs, None
         except (UnicodeDecodeError, LookupError):
             continue
+    # UTF-8 with a few broken bytes (a cut multi-byte character, a stray legacy byte) keeps
+    # its UTF-8: valid multi-byte sequences outnumbering invalid ones are no accident
+    text = body.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if len(text) - len(text.encode("ascii", "ignore")) - bad > bad:
+        return text, "utf-8", "invalid utf-8 replaced"
     from charset_normalizer import from_bytes
 
     # detection is guesswork on short inputs; below 1 KB windows-1252 is the safer bet
-    best = from_bytes(body[:200_000]).best() if len(body) >= 1024 else None
+    matches = from_bytes(body[:200_000]) if len(body) >= 1024 else []
+    best = matches.best() if matches else None
     if best is not None and best.encoding:
-        return body.decode(best.encoding, errors="replace"), best.encoding
-    return body.decode("cp1252", errors="replace"), "cp1252"
+        enc = best.encoding
+        # on a tie, windows-1252: the web's most common legacy charset (cp1250 wins ties by name)
+        if any(m.encoding == "cp1252" and (m.chaos, m.coherence) == (best.chaos, best.coherence) for m in matches):
+            enc = "cp1252"
+        return body.decode(enc, errors="replace"), enc, None
+    return body.decode("cp1252", errors="replace"), "cp1252", None

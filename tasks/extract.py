@@ -19,13 +19,24 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from flows.config import ExtractConfig
-from tasks.decode import DecodeError, decode_content, dechunk, to_text
+from tasks.decode import DecodeError, decode_content, decode_text, dechunk
 from tasks.io import write_parquet_atomic
-from tasks.warc import ReadStats, Record, iter_records, looks_like_warc
+from tasks.warc import ReadStats, Record, file_problem, iter_records, looks_like_warc
 from tasks.workers import ItemFailed, borrow_pool
 
 HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xml", "text/xml", "")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+# in a folder, a file named like a WARC is an input even when its content is not one, so a
+# damaged file is counted (as a rejection of the whole file) instead of silently skipped
+WARC_NAME = re.compile(r"\.(warc|wet|arc)(\.gz)?$", re.I)
+FILE_PROBLEMS = {"empty file": "0 bytes", "truncated gzip": "the gzip stream ends before its first record",
+                 "corrupt gzip": "gzip header, then data that does not inflate",
+                 "not a warc file": "neither WARC/WET nor HTML", "unreadable file": "the file cannot be opened"}
+# payloads labelled text/html that are something else: (magic at the start, what it is)
+BINARY_MAGIC = ((b"%PDF-", "pdf"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+                (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "riff (webp/wav/avi)"), (b"PK\x03\x04", "zip"),
+                (b"\x1f\x8b", "gzip"), (b"OggS", "ogg"), (b"ID3", "mp3"), (b"wOFF", "woff"), (b"wOF2", "woff2"),
+                (b"\x7fELF", "elf"), (b"\x00\x00\x01\x00", "ico"))
 WARMUP_PAGE = ("<html><head><title>t</title><meta name='date' content='2020-01-01'></head><body><article>"
                + "<p>Warm-up paragraph with enough words to pass every extraction threshold.</p>" * 5
                + "</article></body></html>")
@@ -66,6 +77,7 @@ class ShardResult:
     pages: int
     records: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    repaired_by_reason: dict[str, int] = field(default_factory=dict)  # decoded despite a fault
     seconds: float = 0.0
 
 
@@ -114,8 +126,44 @@ def extract_html(html: str, url: str, opts: dict) -> dict | None:
     return {"title": doc.title or "", "text": doc.text, "date": doc.date or ""}
 
 
+def extract_page(html: str, url: str, opts: dict) -> dict | None:
+    """The worker's job: `extract_html`, and when it finds nothing, whether the parser gave
+    up on the page ({"reject": reason, "detail": ...}) rather than the page having no text."""
+    doc = extract_html(html, url, opts)
+    if doc is None and (limit := _parser_limit(html)):
+        return {"reject": "too deeply nested" if "depth" in limit else "parser limit", "detail": limit}
+    return doc
+
+
+def _parser_limit(html: str) -> str | None:
+    """libxml2's resource-limit message for this page, if parsing hit one. It stops at 256
+    nested elements, so a 100,000-deep page parses quickly, but everything below is lost."""
+    from lxml import etree
+
+    parser = etree.HTMLParser(recover=True, encoding="utf-8")
+    try:
+        etree.fromstring(html.encode("utf-8", "surrogatepass"), parser)
+    except (etree.Error, ValueError):
+        pass
+    return next((e.message for e in parser.error_log if e.type_name == "ERR_RESOURCE_LIMIT"), None)
+
+
 def payload_to_html(rec: Record, cfg: ExtractConfig) -> tuple[str, str]:
     """Decode a page record's payload to (html or text, charset). Raises DecodeError."""
+    text, charset, _ = decode_payload(rec, cfg)
+    return text, charset
+
+
+def _binary_kind(body: bytes) -> str | None:
+    head = body[:16].lstrip(b" \t\r\n")
+    kind = next((k for magic, k in BINARY_MAGIC if head.startswith(magic)), None)
+    if kind is None and b"\0" in body[:2048] and not body.startswith((b"\xff\xfe", b"\xfe\xff")):
+        kind = "binary data"       # NUL bytes: no HTML has them (UTF-16 aside, which has a BOM)
+    return kind
+
+
+def decode_payload(rec: Record, cfg: ExtractConfig) -> tuple[str, str, str | None]:
+    """(html or text, charset, repair or None) of a page record. Raises DecodeError."""
     h = rec.http_headers
     if rec.status is not None and not 200 <= rec.status < 300:
         raise DecodeError("http status", str(rec.status))
@@ -126,20 +174,27 @@ def payload_to_html(rec: Record, cfg: ExtractConfig) -> tuple[str, str]:
     if "chunked" in h.get("transfer-encoding", "").lower():
         body = dechunk(body)
     body = decode_content(body, h.get("content-encoding"), cfg.max_html_bytes)
-    if rec.record_type != "conversion" and b"\0" in body[:2048] and not body.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DecodeError("not html", "binary payload")  # PDFs and images labelled text/html
+    if rec.record_type != "conversion" and (kind := _binary_kind(body)):
+        raise DecodeError("binary payload", f"{kind} labelled {ctype or 'without a type'}")  # PDFs, images
     m = re.search(r"charset\s*=\s*[\"']?([^\s;\"']+)", h.get("content-type", ""), re.I)
-    return to_text(body, m.group(1) if m else None)
+    return decode_text(body, m.group(1) if m else None)
 
 
 # ---- page sources ---------------------------------------------------------------------
 
-def html_file_records(paths: list[Path]) -> Iterator[Record]:
-    """Loose HTML files as records, so they go through the same path as WARC pages."""
+def html_file_records(paths: list[Path], max_bytes: int | None = None) -> Iterator[Record]:
+    """Loose HTML files as records, so they go through the same path as WARC pages.
+    A file over `max_bytes` is not read: it comes back empty, marked "too large"."""
     for i, p in enumerate(sorted(paths)):
-        mtime = datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat()
-        yield Record(offset=i, record_type="resource", url=p.resolve().as_uri(), date=mtime,
-                     http_headers={"content-type": "text/html"}, payload=p.read_bytes())
+        st = p.stat()
+        rec = Record(offset=i, record_type="resource", url=p.resolve().as_uri(),
+                     date=datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(),
+                     http_headers={"content-type": "text/html"})
+        if max_bytes is not None and st.st_size > max_bytes:
+            rec.payload_size, rec.error, rec.error_detail = st.st_size, "too large", f"{st.st_size} bytes"
+        else:
+            rec.payload = p.read_bytes()
+        yield rec
 
 
 def shard_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -149,7 +204,7 @@ def shard_inputs(inputs: list[str | Path]) -> list[Path]:
         p = Path(raw)
         if p.is_dir():
             files = sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
-            warcs = [x for x in files if looks_like_warc(x)]
+            warcs = [x for x in files if WARC_NAME.search(x.name) or looks_like_warc(x)]
             shards.extend(warcs)
             if any(x.suffix.lower() in HTML_SUFFIXES for x in files):
                 shards.append(p)
@@ -165,7 +220,7 @@ def shard_inputs(inputs: list[str | Path]) -> list[Path]:
 def _reject(rec: Record, source: str, reason: str, detail: str) -> dict:
     return {"url": rec.url, "domain": domain_of(rec.url), "fetch_time": parse_time(rec.date),
             "source": source, "stage": "extract", "reason": reason, "detail": detail[:500],
-            "n_bytes": len(rec.payload)}
+            "n_bytes": len(rec.payload) if rec.payload_size is None else rec.payload_size}
 
 
 def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, cfg: ExtractConfig,
@@ -176,46 +231,51 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
     t0 = time.monotonic()
     input_path, out_dir = Path(input_path), Path(out_dir)
     stats = ReadStats()
+    problem = None if input_path.is_dir() else file_problem(input_path)
     if input_path.is_dir():
         html = [x for x in input_path.rglob("*") if x.is_file() and x.suffix.lower() in HTML_SUFFIXES]
-        records: Iterator[Record] = html_file_records(html)
-    elif looks_like_warc(input_path):
-        records = iter_records(input_path, stats)
+        records: Iterator[Record] = html_file_records(html, cfg.max_html_bytes)
+    elif problem is None:
+        records = iter_records(input_path, stats, max_payload=cfg.max_html_bytes)
     elif input_path.suffix.lower() in HTML_SUFFIXES:
-        records = html_file_records([input_path])
+        records, problem = html_file_records([input_path], cfg.max_html_bytes), None
     else:
         records = iter([])
-        stats.errors["not a warc file"] += 1
 
     docs: dict[int, dict] = {}
     rejected: dict[int, dict] = {}
     meta: dict[int, tuple[Record, str, str]] = {}
+    repaired: Counter = Counter()
     pages = 0
-    if stats.errors.get("not a warc file"):
+    if problem:  # the whole file is one rejection: counted, never silently skipped
+        stats.errors[problem] += 1
         rejected[0] = {"url": "", "domain": "", "fetch_time": None, "source": input_path.name, "stage": "extract",
-                       "reason": "not a warc file", "detail": "neither WARC/WET nor HTML", "n_bytes": input_path.stat().st_size}
+                       "reason": problem, "detail": FILE_PROBLEMS.get(problem, problem),
+                       "n_bytes": input_path.stat().st_size}
 
     def jobs():
         nonlocal pages
         for rec in records:
             pages += 1
             source = f"{input_path.name}@{rec.offset}"
-            key = rec.offset
+            key = pages  # not the offset: in a whole-file gzip fastwarc gives several records one offset
             if rec.error:
                 rejected[key] = _reject(rec, source, rec.error, rec.error_detail)
                 continue
             try:
-                text, charset = payload_to_html(rec, cfg)
+                text, charset, repair = decode_payload(rec, cfg)
             except DecodeError as e:
                 rejected[key] = _reject(rec, source, e.reason, e.detail)
                 continue
+            if repair:
+                repaired[repair] += 1
             if rec.record_type == "conversion":  # WET: text is already extracted
                 docs[key] = _doc(rec, source, {"title": "", "text": text.strip(), "date": ""}, charset)
                 continue
             meta[key] = (rec, source, charset)
             yield key, (text, rec.url)
 
-    with borrow_pool("tasks.extract:extract_html", cfg.model_dump(mode="json"), cfg.workers,
+    with borrow_pool("tasks.extract:extract_page", cfg.model_dump(mode="json"), cfg.workers,
                      cfg.timeout_s, cfg.worker_max_pages, warmup=(WARMUP_PAGE, "https://example.org/")) as pool:
         for key, result in pool.imap_unordered(jobs()):
             rec, source, charset = meta.pop(key)
@@ -223,6 +283,8 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
                 rejected[key] = _reject(rec, source, result.reason, result.detail)
             elif result is None:
                 rejected[key] = _reject(rec, source, "no text", "trafilatura found no main text")
+            elif "reject" in result:
+                rejected[key] = _reject(rec, source, result["reject"], result["detail"])
             elif len(result["text"]) < cfg.min_chars:
                 rejected[key] = _reject(rec, source, "too short", f"{len(result['text'])} chars")
             else:
@@ -237,7 +299,8 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
     reasons = Counter(r["reason"] for r in rejected.values())
     return ShardResult(input=str(input_path), docs_path=str(docs_path), rejected_path=str(rej_path),
                        docs=len(docs), rejected=len(rejected), pages=pages, records=stats.records,
-                       rejected_by_reason=dict(sorted(reasons.items())), seconds=time.monotonic() - t0)
+                       rejected_by_reason=dict(sorted(reasons.items())),
+                       repaired_by_reason=dict(sorted(repaired.items())), seconds=time.monotonic() - t0)
 
 
 def _doc(rec: Record, source: str, result: dict, charset: str) -> dict:

@@ -4,9 +4,13 @@ fastwarc does the parsing (it is several times faster than warcio). Around it we
 what a crawl-scale reader needs and fastwarc leaves out:
 - resync after a corrupt record: an OSError mid-file makes us scan for the next gzip
   member (or `WARC/` line) and carry on, so one bad record does not lose the file;
-- truncation: a cut-off last gzip member is yielded by fastwarc as if whole, so the
-  final record of each run is checked to end in a complete member;
-- lying Content-Length in plain WARCs: each record must end exactly where the next begins.
+- lying Content-Length: fastwarc trusts it, so a record whose length is too long swallows
+  the records after it and one too short leaves a tail that shifts the stream. In plain
+  WARCs each record must end exactly where the next begins; in gzip-per-record WARCs each
+  record must fill exactly its own member (checked before fastwarc reads it). The same
+  member check finds a cut-off last member, which fastwarc yields as if whole;
+- bounded memory: a payload over `max_payload` bytes is skipped, not read (a 5 GB record
+  must not become a 5 GB bytes object), and files are never read whole.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Record:
     payload: bytes = b""
     error: str | None = None    # rejection reason when the record itself is damaged
     error_detail: str = ""
+    payload_size: int | None = None  # when the payload was not kept (too large): its size
 
 
 @dataclass
@@ -51,16 +56,29 @@ def is_gzip(path: str | Path) -> bool:
         return f.read(3) == GZIP_MAGIC
 
 
-def looks_like_warc(path: str | Path) -> bool:
-    """Sniff content rather than trusting the name: `WARC/` at the start, maybe gzipped."""
+def file_problem(path: str | Path) -> str | None:
+    """None for a WARC/WET file (sniffed from content, not the name: `WARC/` at the start,
+    maybe gzipped), else why it is not one, as a rejection reason for the whole file."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
-        if head[:3] == GZIP_MAGIC:
-            head = zlib.decompressobj(31).decompress(head, 64)
-        return head.lstrip()[:5] == b"WARC/"
-    except (OSError, zlib.error):
-        return False
+    except OSError:
+        return "unreadable file"
+    if not head:
+        return "empty file"
+    if head[:3] == GZIP_MAGIC:
+        d = zlib.decompressobj(31)
+        try:
+            head = d.decompress(head, 64)
+        except zlib.error:
+            return "corrupt gzip"
+        if len(head) < 5 and not d.eof:
+            return "truncated gzip"        # cut off before its first record even began
+    return None if head.lstrip()[:5] == b"WARC/" else "not a warc file"
+
+
+def looks_like_warc(path: str | Path) -> bool:
+    return file_problem(path) is None
 
 
 def _clean_uri(uri: str | None) -> str:
@@ -69,15 +87,69 @@ def _clean_uri(uri: str | None) -> str:
     return uri[1:-1] if uri.startswith("<") and uri.endswith(">") else uri
 
 
-def _member_complete(data: bytes) -> bool:
+def _member_complete(f: io.BufferedReader, start: int) -> bool:
+    """Whether the gzip member at `start` ends before the file does (streamed: the member
+    may be a whole-file gzip of gigabytes)."""
     d = zlib.decompressobj(31)
+    f.seek(start)
     try:
-        while data and not d.eof:
-            d.decompress(data, 1 << 16)
-            data = d.unconsumed_tail
+        while not d.eof:
+            data = d.unconsumed_tail or f.read(1 << 20)
+            if not data:
+                return False
+            d.decompress(data, 1 << 20)
     except zlib.error:
         return False
-    return d.eof
+    return True
+
+
+def _block_start(head: bytes) -> int | None:
+    crlf, lf = head.find(b"\r\n\r\n"), head.find(b"\n\n")  # WET files in the wild use bare LF
+    if crlf != -1 and (lf == -1 or crlf < lf):
+        return crlf + 4
+    return None if lf == -1 else lf + 2
+
+
+def _check_member(f: io.BufferedReader, offset: int, content_length: int) -> str | None:
+    """For a record starting a gzip member: None if the member holds the record's headers,
+    exactly Content-Length bytes and the closing CRLFs (or further records: a whole-file
+    gzip), else the damage. Inflates no further than the declared end, keeping 16 bytes."""
+    d = zlib.decompressobj(31)
+    f.seek(offset)
+    head, want, window, total, block = b"", None, b"", 0, 1 << 14  # most members are small
+    try:
+        while not d.eof and (want is None or total < want + 16):
+            data = d.unconsumed_tail or f.read(block)
+            block = min(block * 2, 1 << 20)
+            if not data:
+                return "truncated record"
+            out = d.decompress(data, 1 << 20)
+            if want is None:
+                head += out
+                start = _block_start(head)
+                if start is None:
+                    if len(head) > 1 << 20:
+                        return None        # no end of headers in sight: fastwarc's call
+                    continue
+                want, out, head = start + content_length, head, b""
+            lo, hi = max(0, want - total), want + 16 - total
+            if hi > 0:
+                window += out[lo:hi]
+            total += len(out)
+    except zlib.error:
+        return "malformed record"
+    if want is None:
+        return None
+    if total >= want:
+        rest = window.lstrip(b"\r\n\x00 ")
+        return None if rest.startswith(b"WARC/") or (d.eof and not rest) else "content-length mismatch"
+    # the member ended before the declared length: a lie, unless the record goes on in
+    # the next member (a writer that splits records; that member is not a record start)
+    f.seek(f.tell() - len(d.unused_data))
+    nxt = f.read(4096)
+    if nxt[:3] == GZIP_MAGIC and not _inflates_to_warc(nxt):
+        return None
+    return "content-length mismatch"
 
 
 def _inflates_to_warc(head: bytes) -> bool:
@@ -104,20 +176,19 @@ def _next_sync(f: io.BufferedReader, start: int, gz: bool) -> int | None:
             if not gz or _inflates_to_warc(head):
                 return cand
             i = block.find(marker, i + 1)
-        pos += len(block) - len(marker)
+        if len(block) < 1 << 20:
+            return None                # scanned to the end of the file
+        pos += len(block) - len(marker) + 1  # overlap: a marker split across blocks
         f.seek(pos)
 
 
 def _plain_record_end(f: io.BufferedReader, offset: int, content_length: int) -> int | None:
     f.seek(offset)
-    head = f.read(64 * 1024)
-    crlf, lf = head.find(b"\r\n\r\n"), head.find(b"\n\n")  # WET files in the wild use bare LF
-    if crlf != -1 and (lf == -1 or crlf < lf):
-        return offset + crlf + 4 + content_length
-    return None if lf == -1 else offset + lf + 2 + content_length
+    start = _block_start(f.read(64 * 1024))
+    return None if start is None else offset + start + content_length
 
 
-def _to_record(rec) -> Record:
+def _to_record(rec, max_payload: int | None) -> Record:
     rtype = str(rec.record_type).rsplit(".", 1)[-1]
     # fastwarc reports absolute file offsets, also when started mid-file
     r = Record(offset=rec.stream_pos, record_type=rtype,
@@ -134,17 +205,29 @@ def _to_record(rec) -> Record:
         ct = rec.headers.get("Content-Type")
         if ct:
             r.http_headers = {"content-type": ct}
-    r.payload = rec.reader.read()
+    r.payload = rec.reader.read(-1 if max_payload is None else max_payload + 1)
+    if max_payload is not None and len(r.payload) > max_payload:
+        rec.reader.consume()
+        r.payload, r.payload_size = b"", rec.content_length
+        r.error, r.error_detail = "too large", f"payload over {max_payload} bytes (record of {rec.content_length})"
     return r
 
 
-def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[Record]:
+def _starts_member(f: io.BufferedReader, offset: int) -> bool:
+    f.seek(offset)
+    return f.read(3) == GZIP_MAGIC
+
+
+def iter_records(path: str | Path, stats: ReadStats | None = None,
+                 max_payload: int | None = None) -> Iterator[Record]:
     """Yield page records (response/resource/conversion) of one WARC or WET file.
 
     Damaged records are counted in `stats.errors` and yielded with `.error` set, so
     the caller logs them as rejections; reading resumes at the next intact record.
-    Each record is held back until the next one parses, so it can be checked for
-    truncation (gzip) or a lying Content-Length (plain) before it is released.
+    A gzip member is checked before fastwarc reads it; other records (plain WARCs,
+    whole-file gzip) are held back until the next one parses, so they can be checked
+    for a lying Content-Length or a cut-off end before they are released. Payloads
+    over `max_payload` bytes come back empty, marked "too large".
     """
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
@@ -154,26 +237,36 @@ def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[R
     with open(path, "rb") as f, open(path, "rb") as probe:
         while base is not None and base < size:
             f.seek(base)
-            held: tuple[Record, int] | None = None
+            held: tuple[Record, int, bool] | None = None
             resync_from: int | None = None
             try:
                 for rec in ArchiveIterator(f, record_types=WarcRecordType.any_type, parse_http=False,
                                            quirks_mode=True, stream_detect=True):
                     if held is not None:
                         good = yield from _release(held, gz, probe, size, stats)
-                        if not good and not gz:
+                        if not good:
                             # fastwarc trusted the bad length; re-find the true next record
                             resync_from, held = held[0].offset + 1, None
                             break
+                    held = None
                     stats.records += 1
                     rtype = str(rec.record_type).rsplit(".", 1)[-1]
                     stats.by_type[rtype] += 1
                     cl = int(rec.headers.get("Content-Length", "0") or 0)
+                    member = gz and _starts_member(probe, rec.stream_pos)
+                    if member and (damage := _check_member(probe, rec.stream_pos, cl)):
+                        # stop before fastwarc reads past (or short of) the member
+                        stats.errors[damage] += 1
+                        yield Record(rec.stream_pos, rtype, _clean_uri(rec.headers.get("WARC-Target-URI")),
+                                     rec.headers.get("WARC-Date"), error=damage,
+                                     error_detail=f"gzip member at offset {rec.stream_pos}, Content-Length {cl}")
+                        resync_from = rec.stream_pos + 1
+                        break
                     if rec.record_type & _PAGE_TYPES:
-                        held = (_to_record(rec), cl)
+                        held = (_to_record(rec, max_payload), cl, member)
                     else:
                         rec.reader.consume()
-                        held = (Record(rec.stream_pos, rtype, "", None), cl)
+                        held = (Record(rec.stream_pos, rtype, "", None), cl, member)
             except (OSError, ValueError) as e:
                 at = held[0].offset if held else base
                 if held is not None:
@@ -184,24 +277,24 @@ def iter_records(path: str | Path, stats: ReadStats | None = None) -> Iterator[R
                              error_detail=f"after offset {at}: {e}")
                 resync_from = at + 1
             if held is not None:
-                yield from _release(held, gz, probe, size, stats, last=True)
+                good = yield from _release(held, gz, probe, size, stats, last=True)
+                if not good and not gz:
+                    resync_from = held[0].offset + 1  # a too-long record may have swallowed the next ones
             base = None if resync_from is None else _next_sync(probe, resync_from, gz)
 
 
-def _release(held: tuple[Record, int], gz: bool, probe, size: int, stats: ReadStats, last: bool = False):
+def _release(held: tuple[Record, int, bool], gz: bool, probe, size: int, stats: ReadStats, last: bool = False):
     """Yield a held page record, marked damaged if it does not end where it claims to.
 
     Returns whether the record was whole.
     """
-    rec, cl = held
-    if gz:
-        # a record followed by a parsed record was whole; only the last can be cut off
-        ok, reason = True, "truncated record"
-        if last:
-            probe.seek(rec.offset)
-            start = rec.offset if probe.read(3) == GZIP_MAGIC else 0  # else whole-file gzip
-            probe.seek(start)
-            ok = _member_complete(probe.read(size - start))
+    rec, cl, checked = held
+    ok, reason = True, "truncated record"
+    if checked:
+        pass                       # its gzip member was checked before it was read
+    elif gz:
+        # whole-file gzip: records are not members; only the end of the file can be cut off
+        ok = not last or _member_complete(probe, 0)
     else:
         end = _plain_record_end(probe, rec.offset, cl)
         ok = False

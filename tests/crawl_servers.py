@@ -191,3 +191,21 @@ def hang_first(release: threading.Event, inner: Route, limit: float = 20.0) -> R
         except OSError:
             h.close_connection = True
     return route
+
+
+def lying_length(claimed: int, body: bytes, ctype: str = "text/html; charset=utf-8") -> Route:
+    """A Content-Length that is not the body's: too long (the server then hangs up, as a
+    crashed backend does) or too short (the rest spills into the keep-alive connection)."""
+    def route(h: Handler, n: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(claimed))
+        h.end_headers()
+        try:
+            h.wfile.write(body)
+            h.wfile.flush()
+        except OSError:
+            pass
+        if claimed > len(body):
+            h.close_connection = True
+    return route

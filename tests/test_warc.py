@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import random
 import zlib
 from pathlib import Path
 
 import pytest
 
-from tasks.decode import DecodeError, decode_content, dechunk, to_text
-from tasks.warc import ReadStats, iter_records, looks_like_warc
+from tasks.decode import DecodeError, decode_content, decode_text, dechunk, to_text
+from tasks.warc import ReadStats, file_problem, iter_records, looks_like_warc
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 CC = SAMPLE / "warc" / "cc-main-2020-34_sample.resiliparse.warc.gz"
@@ -131,3 +132,67 @@ def test_mislabelled_charsets_fall_back_to_what_decodes():
     assert to_text(text.encode("utf-8"), "iso-8859-1")[0] == text      # header lies: latin-1
     jp = ("日本語のテキストです。" * 100).encode("euc-jp")
     assert to_text(jp, None)[0].startswith("日本語")
+
+
+def _response(url: str, body: bytes, lie: int = 0) -> bytes:
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body
+    return (b"WARC/1.1\r\nWARC-Type: response\r\nWARC-Target-URI: %s\r\n"
+            b"Content-Type: application/http; msgtype=response\r\nContent-Length: %d\r\n\r\n"
+            % (url.encode(), len(http) + lie) + http + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("lie", [400, 5, -5, -30])
+def test_lying_content_length_is_counted_and_the_next_records_survive(tmp_path, gz, lie):
+    # too long swallows the records after it, too short leaves a tail: both counted, neither
+    # costs more than the liar itself, in gzip-per-record files as in plain ones
+    recs = [_response(f"http://x/{i}", b"<p>page %d</p>" % i * 20, lie if i == 1 else 0) for i in range(4)]
+    p = tmp_path / ("x.warc.gz" if gz else "x.warc")
+    p.write_bytes(b"".join(gzip.compress(r) for r in recs) if gz else b"".join(recs))
+    out, stats = read(p)
+    assert dict(stats.errors) == {"content-length mismatch": 1}
+    assert [(r.url, r.error) for r in out] == [("http://x/0", None), ("http://x/1", "content-length mismatch"),
+                                               ("http://x/2", None), ("http://x/3", None)]
+    assert all(r.payload == b"<p>page %d</p>" % i * 20 for i, r in enumerate(out) if not r.error)
+
+
+def test_whole_file_gzip_cut_off_is_counted(tmp_path):
+    rnd = random.Random(1)
+    pages = [" ".join(str(rnd.random()) for _ in range(300)).encode() for _ in range(3)]  # compresses little
+    data = gzip.compress(b"".join(_response(f"http://x/{i}", b) for i, b in enumerate(pages)))
+    p = tmp_path / "x.warc.gz"
+    p.write_bytes(data[: len(data) - 100])
+    out, stats = read(p)
+    assert stats.errors["truncated record"] == 1
+    assert [r.payload for r in out if not r.error] == pages[:2] and out[-1].error == "truncated record"
+
+
+def test_oversized_payload_is_skipped_unread(tmp_path):
+    p = tmp_path / "x.warc.gz"
+    p.write_bytes(gzip.compress(_response("http://x/big", b"a" * 3_000_000)) 
+                  + gzip.compress(_response("http://x/ok", b"ok")))
+    stats = ReadStats()
+    out = list(iter_records(p, stats, max_payload=1_000_000))
+    assert [(r.url, r.error, len(r.payload)) for r in out] == [("http://x/big", "too large", 0),
+                                                               ("http://x/ok", None, 2)]
+    assert out[0].payload_size >= 3_000_000 and not stats.errors
+
+
+def test_files_that_are_not_warcs_say_why(tmp_path):
+    cases = {"empty file": b"", "truncated gzip": gzip.compress(_response("http://x/", b"x"))[:12],
+             "corrupt gzip": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 100,
+             "not a warc file": b"<html>not a warc</html>"}
+    for i, (reason, data) in enumerate(cases.items()):
+        (tmp_path / f"{i}.warc.gz").write_bytes(data)
+        assert file_problem(tmp_path / f"{i}.warc.gz") == reason
+    assert file_problem(DOLMA) is None
+
+
+def test_decode_repairs_are_named():
+    text = "Größe, café, naïve – “quoted” words about the weather. " * 30   # over 1 KB: detection runs
+    assert decode_text(text.encode("cp1252"), "utf-8") == (text, "cp1252", "charset label wrong")
+    broken = text.encode()[:100] + b"\xff" + text.encode()[100:]
+    got, cs, repair = decode_text(broken, "utf-8")
+    assert (cs, repair) == ("utf-8", "invalid utf-8 replaced") and got.replace("\ufffd", "") == text
+    assert decode_text(b"<p>plain ascii</p>", "shift_jis")[2] is None         # nothing to be wrong about
+    assert decode_text(text.encode("cp1252"), "iso-8859-1")[2] is None       # latin-1 means windows-1252
