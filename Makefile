@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) bench/curate.py --dedup-memory 200000 1000000
 	$(BENCH_PY) bench/shard.py
 	$(BENCH_PY) bench/loader.py
+	$(BENCH_PY) bench/e2e.py
 
 clean:
 	rm -rf runs .pytest_cache
