@@ -24,7 +24,7 @@ from flows.extract import run_extract
 from tasks import curate as steps
 from tasks.extract import shard_inputs
 from tasks.funnel import build_funnel, funnel_table, merge_stats, plot_funnel, plot_scores
-from tasks.io import file_sha256, remove_stale_temporaries, write_text_atomic
+from tasks.io import atomic_path, exclusive_dir, file_sha256, write_text_atomic
 
 
 def _combine(*parts: str) -> str:
@@ -124,9 +124,12 @@ def docs_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
+    with exclusive_dir(out_dir):   # one writer per folder; what a killed run left half-written is swept
+        return _curate(inputs, Path(out_dir), config)
+
+
+def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
-    out = Path(out_dir)
-    remove_stale_temporaries(out)
     cfg, runner = config.curate, config.runner
     opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
     docs, raw = docs_inputs(inputs)
@@ -192,9 +195,16 @@ def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], 
            cfg: CurateConfig) -> None:
     from tasks.bias import audit, plot_audit
 
-    write_text_atomic(steps.dump(funnel), out / "funnel.json")
-    plot_funnel(funnel, out / "funnel.png")
-    plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], out / "scores.png")
+    # a rerun served from cache has the same funnel: its plots are already there (plots first, the JSON
+    # last, so a JSON that matches means its plots were finished); each plot is written atomically
+    funnel_json = steps.dump(funnel)
+    if not _report_current(out / "funnel.json", funnel_json, out / "funnel.png", out / "scores.png"):
+        (out / "funnel.json").unlink(missing_ok=True)    # no JSON vouches for plots half redone
+        with atomic_path(out / "funnel.png") as tmp:
+            plot_funnel(funnel, tmp)
+        with atomic_path(out / "scores.png") as tmp:
+            plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], tmp)
+        write_text_atomic(funnel_json, out / "funnel.json")
     before, after = {}, {}
     for f in filtered:
         for g, n in f["input_groups"].items():
@@ -208,13 +218,24 @@ def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], 
             for g, n in c.items():
                 by_stage.setdefault(stage, {})[g] = by_stage.setdefault(stage, {}).get(g, 0) + n
     bias = audit(before, after, funnel["extracted"]["docs"], funnel["kept"]["docs"], cfg.bias, stages=by_stage)
-    write_text_atomic(steps.dump(bias), out / "bias.json")
-    plot_audit(bias, out / "bias.png")
+    bias_json = steps.dump(bias)
+    if not _report_current(out / "bias.json", bias_json, out / "bias.png"):
+        (out / "bias.json").unlink(missing_ok=True)
+        with atomic_path(out / "bias.png") as tmp:
+            plot_audit(bias, tmp)
+        write_text_atomic(bias_json, out / "bias.json")
 
     create_table_artifact(key="curation-funnel", table=funnel_table(funnel),
                           description="Curation funnel: documents and tokens (words) per stage")
     create_markdown_artifact(key="curation-summary", markdown=summary_markdown(out, funnel, bias),
                              description="Curation summary, bias audit and sample documents")
+
+
+def _report_current(json_path: Path, text: str, *plots: Path) -> bool:
+    try:
+        return json_path.read_text() == text and all(p.is_file() for p in plots)
+    except OSError:
+        return False
 
 
 def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:

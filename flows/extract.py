@@ -16,7 +16,7 @@ from flows.config import ExtractConfig, RefineryConfig
 from flows.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
 from tasks.extract import extract_shard, shard_inputs
-from tasks.io import remove_stale_temporaries, write_text_atomic
+from tasks.io import exclusive_dir, write_text_atomic
 
 
 def shard_name(path: Path, sha: str) -> str:
@@ -41,9 +41,13 @@ def extract_shard_task(input_path: str, input_sha256: str, out_dir: str, shard_n
 
 def run_extract(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
     """Body of the flow, callable from other flows."""
+    # one writer per folder; a killed run's half-written files are swept, never counted as output
+    with exclusive_dir(out_dir):
+        return _extract(inputs, Path(out_dir), config)
+
+
+def _extract(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
-    out = Path(out_dir)
-    remove_stale_temporaries(out)  # a killed run's half-written files never count as output
     shards = shard_inputs(inputs)
     log.info("extract: %d shards from %d inputs", len(shards), len(inputs))
     runner = config.runner

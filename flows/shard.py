@@ -20,7 +20,7 @@ from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import RefineryConfig, ShardConfig
 from flows.guard import confine
 from tasks import shard as steps
-from tasks.io import file_sha256, remove_stale_temporaries, write_text_atomic
+from tasks.io import exclusive_dir, file_sha256, write_text_atomic
 from tasks.shard_format import FORMAT, SPLITS
 
 
@@ -53,12 +53,14 @@ def curated_docs(input_dir: str) -> list[Path]:
 
 
 def run_shard(input_dir: str, out_dir: str, config: RefineryConfig) -> dict:
+    with exclusive_dir(out_dir):   # one writer per folder; what a killed run left half-written is swept
+        return _shard(input_dir, Path(out_dir), config)
+
+
+def _shard(input_dir: str, out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
     cfg, runner = config.shard, config.runner
     opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     docs = curated_docs(input_dir)
     shas = {p: file_sha256(p) for p in docs}
     paths = [str(p) for p in docs]

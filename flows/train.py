@@ -7,16 +7,22 @@
     report    OUT/result.json -> loss curves (PNG + table artifact) and a run summary (markdown)
 
 A failed attempt is retried by Prefect and resumes from the last checkpoint (same data position,
-same subsequent losses). A finished run with unchanged shards, config and code is served from cache.
+same subsequent losses); so does a rerun after the whole process was killed, when the run folder's
+run.json shows the same shards, config and code. A finished run with unchanged shards, config and
+code is served from cache. The trainer is tied to the process that launched it: killing `refinery`
+kills its trainer too, so no orphan keeps writing checkpoints the rerun resumes from.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -25,11 +31,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 
-from flows import progress
+from flows import faults, progress
 from flows.caching import code_version
 from flows.config import RefineryConfig
 from flows.guard import confine
-from tasks.io import write_text_atomic
+from tasks.io import atomic_path, exclusive_dir, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_LIMIT = "refinery-gpu"
@@ -60,12 +66,52 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def train_cache_key(context, parameters: dict) -> str:
-    spec = dict(parameters["spec"])
-    spec.pop("resume", None)
-    parts = [context.task.name, parameters["shards_sha256"], json.dumps(spec, sort_keys=True),
-             code_version("models", "flows", "tasks")]
+def run_fingerprint(spec: dict, shards_sha256: str) -> str:
+    """What a training run's checkpoints depend on: the shards, the spec (but `resume`) and the code."""
+    spec = {k: v for k, v in spec.items() if k not in ("resume", "fingerprint")}
+    parts = [shards_sha256, json.dumps(spec, sort_keys=True), code_version("models", "flows", "tasks")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def train_cache_key(context, parameters: dict) -> str:
+    return hashlib.sha256(f"{context.task.name}\x1f{run_fingerprint(parameters['spec'], parameters['shards_sha256'])}"
+                          .encode()).hexdigest()
+
+
+def checkpoint_intact(path: Path) -> bool:
+    """A torch checkpoint is a zip whose directory is written last: a file cut short by a kill has none."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def restore_last_checkpoint(out: Path) -> bool:
+    """Is there a complete checkpoints/last.ckpt to resume from? Lightning stages a checkpoint in
+    $TMPDIR and moves it into place, a copy when that is another filesystem, so a kill can cut
+    last.ckpt short; the newest complete step=N.ckpt (saved just before it) then takes its place,
+    and without one the run starts over."""
+    ckpts = out / "checkpoints"
+    last = ckpts / "last.ckpt"
+    if not last.exists() or checkpoint_intact(last):
+        return last.exists()
+    steps = [(int(m[1]), p) for p in ckpts.glob("step=*.ckpt") if (m := re.match(r"step=(\d+)", p.name))]
+    for _, p in sorted(steps, reverse=True):
+        if checkpoint_intact(p):
+            with atomic_path(last) as tmp:
+                shutil.copyfile(p, tmp)
+            return True
+    last.unlink()
+    return False
+
+
+def same_run(out: Path, fingerprint: str) -> bool:
+    """Was the run folder's last attempt this very run (same shards, spec and code)?"""
+    try:
+        return json.loads((out / "run.json").read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
 
 
 @task(name="train", cache_key_fn=train_cache_key, persist_result=True)
@@ -74,7 +120,13 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     ctx = get_run_context()
-    spec = {**spec, "resume": spec.get("resume") or ctx.task_run.run_count > 1}  # a retry resumes
+    fingerprint = run_fingerprint(spec, shards_sha256)
+    # a retry resumes; so does the first attempt of a rerun, if a killed run left this run's checkpoint
+    resume = restore_last_checkpoint(out) and (bool(spec.get("resume")) or ctx.task_run.run_count > 1
+                                               or same_run(out, fingerprint))
+    if resume:
+        log.info("resuming from %s", out / "checkpoints" / "last.ckpt")
+    spec = {**spec, "resume": resume, "fingerprint": fingerprint}
     spec_path = out / "run.json"
     write_text_atomic(json.dumps(spec, indent=2), spec_path)
     (out / "result.json").unlink(missing_ok=True)
@@ -84,7 +136,9 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     update = progress.phase("train-progress", "train: steps")
     with open(out / "train.log", "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        # this thread waits for the trainer, so tying the trainer to it ties it to the process
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                                preexec_fn=faults.die_with_parent())
         while proc.poll() is None:
             time.sleep(2)
             steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -119,10 +173,9 @@ def loss_plot(out: Path, rows: list[dict]) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = out / "loss.png"
-    tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -154,9 +207,12 @@ def shards_fingerprint(shards_dir: str) -> str:
 
 
 def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: bool = False) -> dict:
+    with exclusive_dir(out_dir):   # one trainer per run folder; a killed run's temporaries are swept
+        return _train(shards_dir, Path(out_dir), config, resume)
+
+
+def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> dict:
     log = get_run_logger()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from models.train import preflight
     plan = preflight(shards_dir, config.train, config.finetune)      # raises PlanError with the numbers
     log.info("plan: %s", plan.get("summary", ""))
@@ -167,9 +223,12 @@ def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: boo
     # one training run per device: served deployments create this global limit with one slot (without
     # it, e.g. under `refinery run`, this is a no-op)
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        result = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir))
+        state = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir), return_state=True)
+        result = state.result()
         if not all(Path(p).exists() for p in result.get("outputs", [])):
             result = train_task.with_options(refresh_cache=True, **opts)(spec, shards_fingerprint(shards_dir))
+        elif state.name == "Cached":
+            log.info("train: served from cache")
     report(out, result, plan)
     log.info("trained %s: %d steps, val loss %s, export %s", result["arch"], result["steps"], result["val_loss"],
              result.get("export"))

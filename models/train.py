@@ -90,14 +90,20 @@ class MetricsFile(Callback):
 
 class KillAt(Callback):
     """Fault injection (tests, chaos drills): REFINERY_KILL_AT_STEP=N SIGKILLs rank 0 once N optimizer
-    steps are done, before the next one starts, as a crash would (the others die with it)."""
+    steps are done, before the next one starts, as a crash would (the others die with it).
+    REFINERY_KILL_AT=train-step:N SIGKILLs the process that launched the trainer instead (a killed
+    `refinery run` mid-training), which takes the trainer with it (flows/faults.py)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, parent: bool = False):
+        self.step, self.parent = step, parent
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.step and trainer.is_global_zero:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.parent:
+                from flows.faults import kill_parent_and_wait
+                kill_parent_and_wait()
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def plan_steps(cfg: TrainConfig, step: int, train_tokens: int, world: int) -> tuple[int, int]:
@@ -305,8 +311,11 @@ def run(spec: dict) -> dict:
 
 
 def kill_switch() -> list[Callback]:
+    from flows.faults import kill_points
+
     step = os.environ.get("REFINERY_KILL_AT_STEP")
-    return [KillAt(int(step))] if step else []
+    parent_step = kill_points().get("train-step")
+    return ([KillAt(int(step))] if step else []) + ([KillAt(parent_step, parent=True)] if parent_step else [])
 
 
 def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, steps: int, wall: float,

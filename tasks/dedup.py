@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows import faults
 from flows.config import DedupConfig
+from tasks.io import TMP_PREFIX
 from tasks.urls import normalize_url
 
 U64 = np.uint64
@@ -347,10 +349,13 @@ def find_duplicates(signature_files: list[str | Path], cfg: DedupConfig, work_di
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    spill = Path(tempfile.mkdtemp(prefix="spill-", dir=work_dir))  # private: concurrent runs never mix
+    # private to this reduce; a temporary (TMP_PREFIX), so a killed reduce's spill files are swept
+    spill = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}spill-", dir=work_dir))
     try:
         for column in cols if n_docs else []:   # one column at a time: keys of different columns never meet
-            for path in _spill(files, base, column, spill, cfg.partitions):
+            paths = _spill(files, base, column, spill, cfg.partitions)
+            faults.maybe_kill("dedup-spill")    # chaos drills: die mid-reduce, spill files on disk
+            for path in paths:
                 pairs = np.fromfile(path, dtype=U64).reshape(-1, 2)
                 path.unlink()
                 if len(pairs) < 2:
