@@ -74,12 +74,17 @@ def count_table(results: list[dict], summary: dict) -> list[dict]:
 
 
 def summarize(results: list[dict]) -> dict:
-    reasons: dict[str, int] = {}
-    for r in results:
-        for k, v in r["rejected_by_reason"].items():
-            reasons[k] = reasons.get(k, 0) + v
+    def total(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in results:
+            for k, v in (r.get(key) or {}).items():
+                out[k] = out.get(k, 0) + v
+        return dict(sorted(out.items()))
+
+    # repaired pages were kept (bad bytes replaced, a wrong charset label overridden): counted, not lost
     return {"shards": results, "pages": sum(r["pages"] for r in results), "docs": sum(r["docs"] for r in results),
-            "rejected": sum(r["rejected"] for r in results), "rejected_by_reason": dict(sorted(reasons.items()))}
+            "rejected": sum(r["rejected"] for r in results), "rejected_by_reason": total("rejected_by_reason"),
+            "repaired_by_reason": total("repaired_by_reason")}
 
 
 @flow(name="extract", log_prints=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 import fasttext
 import numpy as np
 
+from flows.faults import die_with_parent
+
 fasttext.FastText.eprint = lambda *_: None  # silence the load_model API-change notice on stderr
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -60,8 +62,9 @@ def train_supervised(pairs: list[tuple[str, str]], out_path, *, lr: float, epoch
         for attempt in range(retries):
             args = dict(input=str(train_file), lr=lr, epoch=epoch, dim=dim, wordNgrams=word_ngrams, bucket=bucket,
                         seed=seed + attempt, thread=thread, minCount=1, loss="softmax", verbose=0)
+            # dies with a killed run, so it cannot write its temporary after the rerun swept
             r = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps(args), str(partial)],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, preexec_fn=die_with_parent())
             if r.returncode != 3:
                 break
             lr /= 2

@@ -286,10 +286,14 @@ def test_hostile_corpus_completes_with_every_bad_input_counted_and_memory_bounde
                                    "repaired": s["repaired_by_reason"]} for s in summary["shards"]}
     assert got == want
     total: dict[str, int] = {}
+    repaired: dict[str, int] = {}
     for w in want.values():
         for k, v in w["rejected"].items():
             total[k] = total.get(k, 0) + v
+        for k, v in w["repaired"].items():
+            repaired[k] = repaired.get(k, 0) + v
     assert summary["rejected_by_reason"] == dict(sorted(total.items()))
+    assert summary["repaired_by_reason"] == dict(sorted(repaired.items())) and repaired
 
     # every rejection is a row naming its source; the good pages after each bad one came out
     rejected = pq.read_table(out / "rejected").to_pylist()
