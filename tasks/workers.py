@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -41,7 +42,17 @@ def _resolve(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def _orphan_watch(parent: int) -> None:
+    """A worker busy on one page never reads its pipe, so it would not notice a SIGKILLed parent
+    until the page ends: exit as soon as we are re-parented. (Not PR_SET_PDEATHSIG: that fires
+    when the creating thread exits, and pools outlive the task thread that started them.)"""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _worker_main(fd: int, fn_path: str) -> None:
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     conn = Connection(fd)
     fn = _resolve(fn_path)
     options, warmup = conn.recv()

@@ -82,6 +82,33 @@ def test_timeout_kills_a_hung_page_and_the_rest_go_on():
     assert elapsed < 10
 
 
+_ORPHAN = """
+import os, signal, sys, threading, time
+from tasks.workers import TimeoutPool
+pool = TimeoutPool("tests.hang:work", None, workers=1, timeout_s=600)
+threading.Thread(target=lambda: list(pool.imap_unordered([(0, ("hang",))])), daemon=True).start()
+time.sleep(3)                                   # the worker is inside the hung page now
+kids = [k for t in os.listdir("/proc/self/task") for k in open(f"/proc/self/task/{t}/children").read().split()]
+print(*kids, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_worker_busy_on_a_page_dies_with_its_killed_parent():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _ORPHAN], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == -9, p.stderr[-2000:]
+    pids = p.stdout.split()
+    assert pids, "no worker was running"
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{x}").exists() for x in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{x}").exists() for x in pids), "the worker outlived the killed run"
+
+
 def test_pathological_page_is_rejected_with_its_reason(tmp_path):
     # 100,000 nested elements: the shard must finish, and say why the page gave no text
     deep = ("<html><body>" + "<div><span>" * 100_000 + "text" + "</span></div>" * 100_000 + "</body></html>")
