@@ -33,9 +33,14 @@ def _inside(p: Path, allowed: list[Path]) -> bool:
 
 
 def _check(name: str, value: str, allowed: list[Path]) -> None:
-    p = Path(value).resolve()
+    shown = value if len(value) <= 200 else value[:200] + "..."
+    try:
+        p = Path(value).resolve()
+    except (ValueError, OSError, RuntimeError) as e:   # a NUL byte, a symlink loop: nothing we could confine
+        raise PathNotAllowed(f"{name}={shown!r} is not a usable path ({e}); served runs may only use "
+                             f"paths under the data roots ({', '.join(map(str, roots()))}; serve.data_roots)") from None
     if not _inside(p, allowed):
-        raise PathNotAllowed(f"{name}={value!r} resolves to {p}, outside the data roots of this server "
+        raise PathNotAllowed(f"{name}={shown!r} resolves to {str(p)[:300]}, outside the data roots of this server "
                              f"({', '.join(map(str, roots()))}; serve.data_roots)")
 
 

@@ -5,14 +5,21 @@ string, or the crawler fetches it twice. We only apply rewrites that cannot chan
 which resource a server returns (RFC 3986 section 6 "syntax-based" normalization),
 plus two crawler conventions: the fragment is dropped (never sent to the server) and
 query parameters are sorted (almost every server treats them as a set).
+
+Credentials are dropped, never sent: userinfo (https://user:pass@host/) and credential query
+parameters (?token=, ?api_key=, ... : flows.redact.SECRET_PARAMS). The crawler collects public
+pages; a URL that only works with a secret in it would put that secret into the WARC files, the
+crawl log, the extracted documents' `url` column and the run's logs, all of which are shared.
 """
 from __future__ import annotations
 
 import re
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import lxml.etree
 import lxml.html
+
+from flows.redact import SECRET_PARAMS, redact_url
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Characters left as-is when re-quoting; "%" keeps existing escapes intact.
@@ -65,7 +72,7 @@ def _remove_dot_segments(path: str) -> str:
 def _sort_query(query: str) -> str:
     # Sort the raw "k=v" pairs by key instead of parse+urlencode, which
     # would re-encode values ("+" vs "%20") and so change what the server sees.
-    pairs = [p for p in query.split("&") if p]
+    pairs = [p for p in query.split("&") if p and unquote(p.split("=", 1)[0]).strip().lower() not in SECRET_PARAMS]
     pairs.sort(key=lambda p: p.split("=", 1)[0])   # stable: repeated keys keep their order
     return "&".join(_fix_escapes(quote(p, safe=_QUERY_SAFE)) for p in pairs)
 
@@ -75,16 +82,16 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
     if not parts.hostname:
-        raise ValueError(f"URL has no host: {url!r}")
+        raise ValueError(f"URL has no host: {redact_url(url)!r}")
     host = parts.hostname                      # already lowercased, brackets stripped
     if ":" in host:
         host = f"[{host}]"
     host = _idna_host(host)
     port = parts.port                          # raises ValueError for a bad port
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    # Credentials in a URL are dropped on purpose: the crawler never sends any.
+    # Credentials in a URL are dropped on purpose: the crawler never sends any (module docstring).
     path = _fix_escapes(quote(_remove_dot_segments(parts.path or "/"), safe=_PATH_SAFE))
     return urlunsplit((scheme, netloc, path, _sort_query(parts.query), ""))
 
