@@ -35,9 +35,11 @@ from flows import faults, progress
 from flows.caching import code_version
 from flows.config import RefineryConfig
 from flows.guard import confine
+from flows.redact import redact
 from tasks.io import atomic_path, exclusive_dir, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
+_PREFECT_SECRETS = {"PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"}
 GPU_LIMIT = "refinery-gpu"
 
 
@@ -133,7 +135,10 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
     t = spec["train"]
     cmd = launch_command(spec_path, t.get("devices", 1), t.get("nodes", 1))
     log.info("launching: %s", " ".join(cmd))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # the trainer never talks to Prefect: its credentials and database URL stay out of its environment
+    env = {k: v for k, v in os.environ.items()
+           if not (k in _PREFECT_SECRETS or (k.startswith("PREFECT_") and "DATABASE" in k))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     update = progress.phase("train-progress", "train: steps")
     with open(out / "train.log", "ab") as logf:
         # this thread waits for the trainer, so tying the trainer to it ties it to the process
@@ -146,7 +151,8 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
                 update(steps[-1]["step"], spec.get("max_steps_hint") or steps[-1]["step"])
     if proc.returncode != 0 or not (out / "result.json").exists():
         tail = (out / "train.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"training exited with {proc.returncode}; last lines of {out / 'train.log'}:\n{tail}")
+        # a failed state's message is stored as written (log records are scrubbed, messages are not)
+        raise RuntimeError(redact(f"training exited with {proc.returncode}; last lines of {out / 'train.log'}:\n{tail}"))
     result = json.loads((out / "result.json").read_text())
     update(result["steps"], result["steps"])
     result["outputs"] = [str(out / "result.json")] + ([str(Path(result["export"]) / "config.json")]

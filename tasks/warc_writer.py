@@ -21,6 +21,7 @@ from warcio.warcwriter import WARCWriter
 
 OPEN_SUFFIX = ".open"
 WARC_1_1_SPEC = "https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/"
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _NAME = re.compile(r"^(?P<prefix>.+)-(?P<n>\d{5,})\.warc\.gz(?:\.open)?$")
 
 
@@ -58,6 +59,8 @@ class RotatingWarcWriter:
     """
 
     def __init__(self, dir: str | Path, prefix: str, max_bytes: int, info: dict | None = None):
+        if not _SAFE_PREFIX.fullmatch(prefix):   # it becomes a file name: one plain path component only
+            raise ValueError(f"WARC file prefix {prefix[:80]!r} must match {_SAFE_PREFIX.pattern}")
         self.dir = Path(dir) / "warc"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix

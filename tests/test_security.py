@@ -8,8 +8,7 @@ Where a name is derived, and what is checked here with hostile input (`../../etc
     are fixed names); checked by crawling hostile URLs and listing what was written;
   - path parameters of served runs (out_dir, inputs, ...): `flows.guard.confine`, every value either
     refused or resolved under the data root;
-  - the WARC writer's file-name prefix (`tasks/warc_writer.py`) is trusted as given; no caller passes
-    one (crawl() uses "crawl"), the xfail below records what would happen if one did.
+  - the WARC writer's file-name prefix (`tasks/warc_writer.py`) must be one plain path component.
 curate and shard name their outputs after the stems of files already on disk (plus a hash), so a
 name there is one path component by construction; shard's `p.stem` of a file "..parquet" is "." and
 its output "..parquet", still a plain file in the split folder.
@@ -123,8 +122,6 @@ def test_hostile_path_parameters_are_refused_or_stay_under_the_root(tmp_path, mo
         confine(writes={"out_dir": f"{root}/loop/x"})
 
 
-@pytest.mark.xfail(reason="tasks/warc_writer.py RotatingWarcWriter trusts `prefix` (no caller passes one; "
-                          "issue 7 report: reject a prefix that is not one safe component)", strict=False)
 def test_warc_writer_prefix_cannot_escape(tmp_path):
     from datetime import datetime, timezone
 
@@ -136,6 +133,6 @@ def test_warc_writer_prefix_cannot_escape(tmp_path):
             with RotatingWarcWriter(out, prefix, 1 << 20) as w:
                 w.write_exchange("http://ex.com/", [], "HTTP/1.1 200 OK", [("Content-Type", "text/html")],
                                  b"<p>x</p>", datetime.now(timezone.utc), None)
-        except (ValueError, OSError):
-            continue                                  # refused: what the fix should do
+        except ValueError:
+            continue                                  # refused: one plain path component only
         assert files_outside(tmp_path, out / "warc") == [], prefix
