@@ -6,7 +6,7 @@ input file, most followed by a good page that must still come out. A local serve
 crawler hostile HTTP (a gzip bomb, lying Content-Length headers) and its WARC joins the corpus.
 `refinery extract` then runs as a user runs it (a subprocess, the real Prefect flow on the
 session's API) while the test samples the RSS of its whole process tree (flow process and
-extraction workers); the kernel's peak per process comes from wait4.
+extraction workers); each process's own peak is its VmHWM.
 """
 from __future__ import annotations
 
@@ -154,8 +154,9 @@ def build_corpus(d: Path) -> dict[str, dict]:
 
 # -- running a command with its memory watched ---------------------------------------------------
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of `root` and all its descendants (shared pages counted in each: an upper bound)."""
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(resident bytes of `root` and all its descendants, shared pages counted in each: an upper
+    bound; the largest VmHWM among them: each process's own peak since its exec)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -164,40 +165,45 @@ def _tree_rss(root: int) -> int:
             except OSError:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(name))
-    total, todo = 0, [root]
+    total, hwm, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm = max(hwm, int(line.split()[1]) * 1024)
         except OSError:
             pass
         todo += children.get(pid, [])
-    return total
+    return total, hwm
 
 
 def run_watched(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 120) -> tuple[int, int, int]:
-    """Run `cmd`; returns (exit code, peak sampled RSS of its process tree, kernel's peak RSS
-    of its largest single process, from wait4)."""
+    """Run `cmd`; returns (exit code, peak sampled RSS of its process tree, the largest single
+    process's own peak, VmHWM). Not wait4's ru_maxrss: Linux carries the pre-exec high-water mark
+    over execve, so a child forked from a big pytest process reports pytest's size (3.6 GiB in CI)."""
     with open(log, "wb") as out:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    peak, done = [0], threading.Event()
+    peak, hwm, done = [0], [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(p.pid))
+            total, top = _tree_rss(p.pid)
+            peak[0], hwm[0] = max(peak[0], total), max(hwm[0], top)
             done.wait(0.05)
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     killer = threading.Timer(timeout, lambda: os.killpg(p.pid, signal.SIGKILL))
     killer.start()
     try:
-        _, status, usage = os.wait4(p.pid, 0)
+        _, status, _ = os.wait4(p.pid, 0)
     finally:
         killer.cancel()
         done.set()
         watcher.join()
     p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, peak[0], usage.ru_maxrss * 1024
+    return p.returncode, peak[0], hwm[0]
 
 
 _CRAWL = """
