@@ -125,7 +125,13 @@ def test_rerun_is_cached(curated):
 
     base, cfg, _ = curated
     state = curate_flow([str(base / "mix")], str(base / "out"), cfg, return_state=True)
-    runs = _task_runs(state.state_details.flow_run_id)
+    import time
+    deadline = time.monotonic() + 30          # task-run states reach the API as events: wait for the last ones
+    while True:
+        runs = _task_runs(state.state_details.flow_run_id)
+        if (runs and all(t.state.is_final() for t in runs)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert runs and all(t.state.name == "Cached" for t in runs), [(t.name, t.state.name) for t in runs]
 
 
