@@ -1,9 +1,16 @@
-"""Model-based quality: a fastText classifier of clean reference prose (positives, cut into
-paragraph-aligned chunks) against crawl documents (negatives), as in DCLM / FineWeb-Edu."""
+"""Model-based quality and domain selection: a classifier of reference text (positives, cut into
+paragraph-aligned chunks) against crawl documents and/or a general background (negatives).
+
+The method is `curate.quality.method`; each is one file with `train(positives, negatives, path, ...)`
+and `score(path, texts)` (tasks/select_*.py). bench/select.py measures them side by side."""
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +18,12 @@ import pyarrow.parquet as pq
 
 from flows.config import QualityConfig
 from tasks import fasttext_model as ft
+from tasks.select_io import method_of
 
-HIGH, LOW = "hq", "lq"
-# Not in QualityConfig (yet): documents are scored (and negatives trained) on their first this-many
-# words; fastText averages word vectors, so this bounds cost without changing what it sees much.
-MAX_WORDS = 1000
+METHODS = {"tfidf": "tasks.select_tfidf", "fasttext": "tasks.select_fasttext", "dsir": "tasks.select_dsir",
+           "moore-lewis": "tasks.select_moore_lewis", "embedding": "tasks.select_embed"}
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
+_NOT_TEXT = {"SOURCE.txt", "README.txt", "LICENSE.txt"}  # provenance notes beside the data, not reference text
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF|End of (The )?Project Gutenberg)", re.M | re.I)
 _WIKITEXT_HEADING = re.compile(r"^ ?(= )+.*?( =)+ ?$", re.M)
@@ -27,7 +34,7 @@ def _files(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES)
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES and f.name not in _NOT_TEXT)
         elif p.is_file():
             out.append(p)
         else:
@@ -90,14 +97,80 @@ def load_reference(paths: list[str], chunk_words: int) -> list[str]:
     return [c for f in _files(paths) for doc in _docs(f) for c in _chunks(doc, chunk_words)]
 
 
-def train_quality(positives: list[str], negatives: list[str], cfg: QualityConfig, out_path) -> dict:
-    pairs = [(HIGH, t) for t in positives] + [(LOW, t) for t in negatives]
-    info = ft.train_supervised(pairs, out_path, lr=cfg.lr, epoch=cfg.epoch, dim=cfg.dim,
-                               word_ngrams=cfg.word_ngrams, bucket=cfg.bucket, seed=cfg.seed,
-                               max_words=MAX_WORDS)
-    return {"n_pos": len(positives), "n_neg": len(negatives), **info}
+def _module(method: str):
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; one of {sorted(METHODS)}")
+    return importlib.import_module(METHODS[method])
+
+
+def model_filename(method: str) -> str:
+    return "quality.bin" if method == "fasttext" else "quality.npz"
+
+
+def _params(cfg: QualityConfig) -> dict:
+    return {"seed": cfg.seed, "lr": cfg.lr, "epoch": cfg.epoch, "dim": cfg.dim, "word_ngrams": cfg.word_ngrams,
+            "bucket": cfg.bucket, "c": cfg.tfidf_c}
+
+
+def _held_out(text: str) -> bool:
+    return zlib.crc32(text.encode("utf-8", "replace")) % 5 == 0
+
+
+def train_quality(positives: list[str], crawl: list[str], cfg: QualityConfig, out_path,
+                  background: list[str] | None = None) -> dict:
+    """Train `cfg.method` on positives against the negatives `cfg.negatives` names (crawl documents,
+    the background corpus, or both) and save it to out_path.
+
+    With `cfg.pu_rounds`, crawl negatives that the model scores like the reference (at or above the
+    10th percentile of the positives' scores) are taken out and the model retrained: the crawl holds
+    the domain too, and a model told those pages are negatives learns to rank them low.
+    A fifth of each side (by a hash of the text) is first held out to measure how well the method
+    separates text it did not see; the saved model is then trained on everything."""
+    mod, params = _module(cfg.method), _params(cfg)
+    background = background or []
+    use_crawl = cfg.negatives in ("crawl", "crawl+background")
+    use_bg = cfg.negatives in ("background", "crawl+background")
+    crawl_negs, bg_negs = (crawl if use_crawl else []), (background if use_bg else [])
+    if not positives:
+        raise ValueError("quality: the reference holds no text")
+    if not crawl_negs and not bg_negs:
+        raise ValueError(f"quality: no negatives (negatives={cfg.negatives!r}: "
+                         f"{len(crawl)} crawl documents, {len(background)} background texts)")
+    t0 = time.perf_counter()
+    out = Path(out_path)
+    dropped = 0
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        scratch = Path(tmp) / out.name
+        for _ in range(cfg.pu_rounds if crawl_negs else 0):
+            mod.train(positives, crawl_negs + bg_negs, scratch, **params)
+            cutoff = np.quantile(mod.score(scratch, positives), 0.1)
+            keep = mod.score(scratch, crawl_negs) < cutoff
+            dropped += int((~keep).sum())
+            crawl_negs = [t for t, k in zip(crawl_negs, keep) if k]
+        negatives = crawl_negs + bg_negs
+        holdout = _holdout_auc(mod, params, positives, negatives, scratch)
+    info = mod.train(positives, negatives, out, **params)
+    return {**info, "fit_seconds": info.get("train_seconds"), "method": cfg.method, "negatives": cfg.negatives, "n_pos": len(positives),
+            "n_neg": len(negatives), "n_neg_crawl": len(crawl_negs), "n_neg_background": len(bg_negs),
+            "pu_rounds": cfg.pu_rounds, "pu_dropped": dropped, **holdout,
+            "train_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _holdout_auc(mod, params: dict, positives: list[str], negatives: list[str], scratch: Path) -> dict:
+    hp = [_held_out(t) for t in positives]
+    hn = [_held_out(t) for t in negatives]
+    pos_test = [t for t, h in zip(positives, hp) if h]
+    neg_test = [t for t, h in zip(negatives, hn) if h]
+    pos_train = [t for t, h in zip(positives, hp) if not h]
+    neg_train = [t for t, h in zip(negatives, hn) if not h]
+    if min(len(pos_test), len(neg_test)) < 3 or not pos_train or not neg_train:
+        return {"holdout_auc": None, "holdout_pos": len(pos_test), "holdout_neg": len(neg_test)}
+    mod.train(pos_train, neg_train, scratch, **params)
+    s = np.r_[mod.score(scratch, pos_test), mod.score(scratch, neg_test)]
+    auc = ft.roc_auc(np.r_[np.ones(len(pos_test)), np.zeros(len(neg_test))], s)
+    return {"holdout_auc": round(auc, 4), "holdout_pos": len(pos_test), "holdout_neg": len(neg_test)}
 
 
 def score_quality(model_path, texts: list[str]) -> np.ndarray:
-    """P(high quality) in [0, 1] per text, from its first MAX_WORDS words."""
-    return ft.prob_of(ft.load(model_path), texts, HIGH, max_words=MAX_WORDS)
+    """The model's score per text (higher: more like the reference); the method is read off the file."""
+    return _module(method_of(model_path)).score(model_path, texts)

@@ -14,6 +14,7 @@ import pytest
 from flows.config import QualityConfig
 from tasks import fasttext_model as ft
 from tasks.quality import load_reference, score_quality, train_quality
+from tasks.select_io import method_of
 
 CUR = Path(__file__).resolve().parent.parent / "sample" / "curation"
 REF, NEG = CUR / "reference", CUR / "quality_negative"
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
     pos_held = load_reference([str(REF / "gutenberg" / "chesterton-brown.txt"), str(REF / "wikitext2" / "test.txt"),
                                *inaugural[1::2]], cfg.chunk_words)
     neg_train, neg_snippets, neg_pages = _neg_split()
-    path = tmp_path_factory.mktemp("quality") / "quality.bin"
+    path = tmp_path_factory.mktemp("quality") / "quality.npz"
     metrics = train_quality(pos_train, neg_train, cfg, path)
     return cfg, path, metrics, pos_held, neg_snippets, neg_pages
 
@@ -87,12 +88,23 @@ def test_score_quality_shape_and_range(trained):
 
 def test_model_small_loads_back_and_is_deterministic(trained, tmp_path):
     cfg, path, metrics, *_ = trained
-    assert ft.load(path) is ft.load(path)  # cached
-    assert ft.load(path).get_labels() and metrics["model_bytes"] == path.stat().st_size
-    # thread=1 + seed: the same data gives the same bytes
+    assert method_of(path) == cfg.method == "tfidf" and metrics["model_bytes"] == path.stat().st_size
+    # L-BFGS from zero on the same data: the same model, file for file
     texts = load_reference([str(REF / "inaugural")], cfg.chunk_words)[:200]
     negs = _neg_split()[0][:300]
-    a, b = (train_quality(texts, negs, cfg, tmp_path / f"m{i}.bin") for i in range(2))
+    a, b = (train_quality(texts, negs, cfg, tmp_path / f"m{i}.npz") for i in range(2))
     assert a["model_bytes"] == b["model_bytes"]
+    assert (tmp_path / "m0.npz").read_bytes() == (tmp_path / "m1.npz").read_bytes()
+    assert metrics["model_bytes"] < MAX_MODEL_BYTES
+
+
+def test_fasttext_method_still_separates_quality(tmp_path):
+    """The DCLM-style classifier stays available (curate.quality.method=fasttext) and deterministic."""
+    cfg = QualityConfig(method="fasttext")
+    texts = load_reference([str(REF / "inaugural")], cfg.chunk_words)
+    negs, snippets, _ = _neg_split()
+    a, b = (train_quality(texts[::2], negs[:1000], cfg, tmp_path / f"m{i}.bin") for i in range(2))
     assert (tmp_path / "m0.bin").read_bytes() == (tmp_path / "m1.bin").read_bytes()
-    assert metrics["model_bytes"] < MAX_MODEL_BYTES  # (bucket + vocab) x dim x 4 bytes
+    assert ft.load(tmp_path / "m0.bin").get_labels() and method_of(tmp_path / "m0.bin") == "fasttext"
+    s_pos, s_neg = score_quality(tmp_path / "m0.bin", texts[1::2]), score_quality(tmp_path / "m0.bin", snippets)
+    assert ft.roc_auc(np.r_[np.ones(len(s_pos)), np.zeros(len(s_neg))], np.r_[s_pos, s_neg]) > 0.95
