@@ -254,6 +254,12 @@ def test_c4_curly_braces():
     code = "function init() { return true; }"
     rejects(rules_c4.check("\n".join(PROSE + [code]), C4Config()), "c4:curly_braces")
     passes(rules_c4.check("\n".join(PROSE + ["{ }"]), C4Config()))  # a short line: dropped first
+    # paragraph numbers of court opinions are not code; anything else in braces still is
+    opinion = "{12} The district court denied the motion, and the defendant appealed to this Court."
+    passes(rules_c4.check("\n".join(PROSE + [opinion]), C4Config()))
+    rejects(rules_c4.check("\n".join(PROSE + [opinion]), C4Config(ignore_numbered_braces=False)), "c4:curly_braces")
+    rejects(rules_c4.check("\n".join(PROSE + ["{12} and then the template says {name} was here today."]),
+                           C4Config()), "c4:curly_braces")
 
 
 def test_c4_too_few_sentences():
