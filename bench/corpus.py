@@ -24,7 +24,7 @@ from build_background import DOMAINS, in_background  # noqa: E402
 NOT_CLEAN = {"spam_scam", "default_server_page", "low_quality"}
 # Web pages whose text plainly belongs to a domain set's topic. A domain's mix leaves them out: as
 # negatives they would count a Wikipedia article on t-SNE against "science", as positives they are not
-# documents of that set. Judged by reading each page (bench/select.py prints the topic counts).
+# documents of that set. Judged by reading each page (bench/selection.py prints the topic counts).
 WEB_TOPICS = {
     "science": ["positive_wikipedia_1", "positive_wikipedia_2", "positive_wikipedia_3", "positive_wikipedia_5",
                 "tsne", "phys.org"],

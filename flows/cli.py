@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-keep-ratio", type=float, dest="target_keep_ratio",
                    help="kept tokens / extracted tokens (default 0.02)")
     p.add_argument("--reference", action="append", help="domain text for the quality classifier's positives")
-    p.add_argument("--quality-model", dest="quality_model_path", help="a trained fastText quality .bin")
+    p.add_argument("--quality-method", dest="quality_method",
+                   choices=["tfidf", "fasttext", "dsir", "moore-lewis", "embedding"],
+                   help="how the reference is learnt (default tfidf: best on bench/selection.py)")
+    p.add_argument("--negatives", choices=["crawl", "background", "crawl+background"],
+                   help="what the reference is contrasted with (default crawl)")
+    p.add_argument("--quality-model", dest="quality_model_path",
+                   help="a trained quality model (quality.npz, or a fastText quality.bin)")
     p.add_argument("--toxicity-model", dest="toxicity_model_path", help="a trained fastText toxicity .bin")
     _common(p)
 
@@ -155,6 +161,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
              "per_host_delay_s": "crawl", "user_agent": "crawl", "workers": "extract", "timeout_s": "extract",
              "target_keep_ratio": "curate.quality", "reference": "curate.quality",
              "quality_model_path": "curate.quality", "toxicity_model_path": "curate.toxicity",
+             "quality_method": "curate.quality", "negatives": "curate.quality",
              "vocab_size": "shard", "tokenizer_path": "shard",
              "arch": "train", "preset": "train", "seq_len": "train", "batch_size": "train", "accumulate": "train",
              "max_steps": "train", "max_tokens": "train", "lr": "train", "precision": "train", "devices": "train",
@@ -166,7 +173,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for name, section in flags.items():
         v = getattr(args, name, None)
         if v not in (None, False):
-            field = "model_path" if name.endswith("_model_path") else name
+            field = "model_path" if name.endswith("_model_path") else "method" if name == "quality_method" else name
             out.append(f"{section}.{field}={json.dumps(v)}")
     return out
 
@@ -240,7 +247,7 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
     if args.command == "curate":
         funnel = with_concurrency(curate_flow, cfg)(args.inputs, args.out, cfg)
         return {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")} | (
-            {"warning": funnel["warning"]} if "warning" in funnel else {})
+            {"warnings": funnel["warnings"]} if funnel["warnings"] else {})
     if args.command in ("train", "finetune"):
         from flows.train import train_flow
 

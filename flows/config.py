@@ -102,6 +102,7 @@ class C4Config(_Model):
     drop_policy_lines: bool = True
     reject_lorem_ipsum: bool = True
     reject_curly_braces: bool = True
+    ignore_numbered_braces: bool = Field(True, description="'{12}' (paragraph numbers of court opinions) is not code")
     max_word_length: int = Field(1000, ge=1, description="lines with a longer word are removed")
 
 
@@ -134,17 +135,31 @@ class DedupConfig(_Model):
 
 
 class QualityConfig(_Model):
+    """Model-based selection: keep the crawl text most like `reference` (clean prose for quality, or a
+    few dozen documents of a domain for domain selection). bench/selection.py compares the methods."""
     target_keep_ratio: float = Field(0.02, gt=0, le=1, description="kept words / extracted words after all stages")
-    model_path: str | None = Field(None, description="a trained fastText .bin; else one is trained")
+    method: Literal["tfidf", "fasttext", "dsir", "moore-lewis", "embedding"] = Field(
+        "tfidf", description="tfidf: logistic regression on hashed TF-IDF word 1-2-grams (best on bench/selection.py); "
+                             "fasttext: DCLM-style classifier; dsir: hashed n-gram importance weights; moore-lewis: "
+                             "bigram LM cross-entropy difference; embedding: static embeddings + logistic regression")
+    model_path: str | None = Field(None, description="a trained model (quality.bin / quality.npz); else one is trained")
     reference: list[str] = Field(default_factory=lambda: [str(SAMPLE / "curation" / "reference")],
                                  description="positives: .txt / .jsonl / .parquet files or folders")
+    negatives: Literal["crawl", "background", "crawl+background"] = Field(
+        "crawl", description="what the reference is contrasted with: a sample of the crawl itself, the general "
+                             "background corpus, or both")
+    background: list[str] = Field(default_factory=lambda: [str(SAMPLE / "curation" / "background" / "docs.jsonl")],
+                                  description="general text of many topics (shipped: one in five of the domain sets)")
+    pu_rounds: int = Field(0, ge=0, le=5, description="retrain after dropping crawl negatives scored like the reference")
     max_negatives: int = Field(20_000, ge=10, description="crawl documents sampled as negatives")
     chunk_words: int = Field(200, ge=10, description="reference text is cut into chunks of about this size")
-    epoch: int = Field(10, ge=1)
-    lr: float = Field(0.3, gt=0)
-    word_ngrams: int = Field(2, ge=1)
-    dim: int = Field(16, ge=2, description="16 keeps the model ~15 MB at the same AUC as 64 (58 MB)")
-    bucket: int = Field(200_000, ge=1000, description="hashed n-gram rows: bucket x dim x 4 bytes of model")
+    min_holdout_auc: float = Field(0.9, ge=0, le=1, description="warn when held-out training data separates worse")
+    tfidf_c: float = Field(1.0, gt=0, description="tfidf: inverse L2 regularisation strength")
+    epoch: int = Field(10, ge=1, description="fasttext")
+    lr: float = Field(0.3, gt=0, description="fasttext")
+    word_ngrams: int = Field(2, ge=1, description="fasttext")
+    dim: int = Field(16, ge=2, description="fasttext: 16 keeps the model ~15 MB at the same AUC as 64 (58 MB)")
+    bucket: int = Field(200_000, ge=1000, description="fasttext: hashed n-gram rows: bucket x dim x 4 bytes of model")
     seed: int = 0
 
 
@@ -156,10 +171,28 @@ class ToxicityConfig(_Model):
     label_column: str = "class"
     toxic_labels: list[str] = Field(default_factory=lambda: ["0", "1"],
                                     description="Davidson et al.: 0 hate speech, 1 offensive, 2 neither")
-    max_score: float = Field(0.9, gt=0, le=1, description="drop if any sentence scores above this")
-    max_mean_score: float = Field(0.5, gt=0, le=1, description="drop if the mean sentence score is above this")
+    clean_data: list[str] = Field(
+        default_factory=lambda: [str(SAMPLE / "curation" / "reference"),
+                                 str(SAMPLE / "curation" / "background" / "docs.jsonl")],
+        description="clean prose of many topics (.txt / .jsonl / .parquet files or folders), one clean "
+                    "example per sentence; a held-out part calibrates the sentence threshold")
+    identity_augmentation: bool = Field(True, description="add neutral sentences naming the identity terms of "
+                                                          "bias.groups_file as clean examples (Dixon et al. 2018)")
+    holdout: float = Field(0.1, gt=0, lt=0.5, description="share of clean_data held out of training to calibrate")
+    target_fpr: float = Field(0.002, gt=0, lt=0.5, description="calibration: the sentence threshold is raised "
+                                                               "until at most this share of held-out clean "
+                                                               "sentences is above it")
+    min_sentence_score: float = Field(0.5, gt=0, lt=1, description="the sentence threshold never goes below this "
+                                                                   "(and is this without a calibration file)")
+    max_share: float = Field(0.3, gt=0, le=1, description="drop if the words of toxic sentences are more than "
+                                                          "this share of the document's words")
+    min_toxic_sentences: int = Field(2, ge=1, description="... and there are at least this many toxic sentences")
     wordlist: str = Field(str(SAMPLE / "curation" / "wordlists" / "en"), description="LDNOOBW-format list")
     max_wordlist_ratio: float = Field(0.01, ge=0, le=1, description="matched words / words (C4 drops any match)")
+    min_wordlist_terms: int = Field(3, ge=1, description="the word-list rule needs at least this many matches and "
+                                                         "one toxic sentence: clinical or legal words alone never drop")
+    warn_removal: float = Field(0.05, gt=0, le=1, description="the run warns when toxicity removes more than this "
+                                                             "share of the documents that reach it")
     epoch: int = Field(10, ge=1)
     seed: int = 0
 

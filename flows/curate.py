@@ -23,7 +23,7 @@ from flows.guard import confine
 from flows.extract import run_extract
 from tasks import curate as steps
 from tasks.extract import shard_inputs
-from tasks.funnel import build_funnel, funnel_table, merge_stats, plot_funnel, plot_scores
+from tasks.funnel import build_funnel, funnel_table, merge_stats, model_warnings, plot_funnel, plot_scores
 from tasks.io import atomic_path, exclusive_dir, file_sha256, write_text_atomic
 
 
@@ -52,29 +52,46 @@ def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, conf
 
 @task(name="train-quality", cache_key_fn=shard_cache_key, persist_result=True)
 def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
-    from tasks.quality import load_reference, train_quality
+    from tasks.quality import load_reference, model_filename, train_quality
 
     q = config.quality
     positives = load_reference(q.reference, q.chunk_words)
-    negatives = sample_negatives(docs_paths, q.max_negatives)
-    path = Path(out_dir) / "models" / "quality.bin"
-    metrics = train_quality(positives, negatives, q, path)
-    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path)], **metrics}
+    crawl = sample_negatives(docs_paths, q.max_negatives) if q.negatives != "background" else []
+    background = load_reference(q.background, q.chunk_words) if q.negatives != "crawl" else []
+    path = Path(out_dir) / "models" / model_filename(q.method)
+    metrics = train_quality(positives, crawl, q, path, background=background)
+    training = {"positives": {"texts": len(positives), "words": _words(positives), "source": q.reference,
+                              "unit": f"reference chunks of ~{q.chunk_words} words"},
+                "negatives": {"texts": metrics["n_neg"], "words": _words(crawl) + _words(background), "source": q.negatives,
+                              "crawl_docs": metrics["n_neg_crawl"], "background_texts": metrics["n_neg_background"],
+                              "background": q.background if background else [],
+                              "dropped_as_likely_positive": metrics["pu_dropped"]}}
+    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path)], "training": training,
+            **metrics}
+
+
+def _words(texts: list[str]) -> int:
+    from tasks.extract import count_words
+
+    return sum(count_words(t) for t in texts)
 
 
 @task(name="train-toxicity", cache_key_fn=shard_cache_key, persist_result=True)
 def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
-    from tasks.quality import load_reference
-    from tasks.toxicity import load_labeled, train_toxicity
+    from tasks.toxicity import calibration_path, load_labeled, train_toxicity
 
     t = config.toxicity
     texts, labels = load_labeled(data_path, t.text_column, t.label_column, t.toxic_labels)
     path = Path(out_dir) / "models" / "toxicity.bin"
-    # tweets alone teach "unfamiliar prose is toxic" (15.8% of clean held-out prose dropped);
-    # the quality reference as extra clean examples brings that to 0.4% at the same AUC
-    clean = load_reference(config.quality.reference, config.quality.chunk_words)
-    metrics = train_toxicity(texts, labels, t, path, clean_texts=clean)
-    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path)], **metrics}
+    # clean prose of many topics (toxicity.clean_data), never the quality reference: trained against a
+    # legal reference, the model learnt "not legal = toxic" and removed a quarter of clean news pages
+    metrics = train_toxicity(texts, labels, t, path, groups_file=config.bias.groups_file)
+    training = {"labelled": {"texts": len(texts), "toxic": metrics["n_toxic"], "source": data_path},
+                "clean": {"sentences": metrics["n_clean_sentences"], "source": t.clean_data,
+                          "heldout_chunks": metrics["n_heldout_chunks"]},
+                "identity_sentences": metrics["n_identity_sentences"]}
+    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path), str(calibration_path(path))],
+            "training": training, **metrics}
 
 
 @task(name="curate-score", cache_key_fn=shard_cache_key, persist_result=True)
@@ -86,6 +103,20 @@ def score_task(shard_name: str, input_sha256: str, out_dir: str, drops_path: str
 @task(name="curate-select", cache_key_fn=shard_cache_key, persist_result=True)
 def select_task(shard_name: str, input_sha256: str, out_dir: str, threshold: float, config: CurateConfig) -> dict:
     return steps.select_shard(shard_name, Path(out_dir) / "work", Path(out_dir), threshold)
+
+
+def copy_toxicity_model(src: str, models: Path) -> dict:
+    """A user's toxicity model, with its calibration file when it has one (else the config's threshold)."""
+    from tasks.toxicity import calibration_path
+
+    dst = Path(shutil.copyfile(src, models / "toxicity.bin"))
+    side = calibration_path(dst)
+    if calibration_path(src).is_file():
+        with atomic_path(side) as tmp:
+            shutil.copyfile(calibration_path(src), tmp)
+    else:
+        side.unlink(missing_ok=True)
+    return {"path": str(dst), "trained": False, "source": src}
 
 
 def sample_negatives(docs_paths: list[str], n: int) -> list[str]:
@@ -155,18 +186,28 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     if cfg.quality.model_path:
-        qmodel = {"path": str(shutil.copyfile(cfg.quality.model_path, models / "quality.bin")), "trained": False}
+        from tasks.quality import model_filename
+        from tasks.select_io import method_of
+
+        name = model_filename(method_of(cfg.quality.model_path))
+        qmodel = {"path": str(shutil.copyfile(cfg.quality.model_path, models / name)), "trained": False,
+                  "method": method_of(cfg.quality.model_path), "source": cfg.quality.model_path}
     else:
-        ref_sha = _combine(*[input_fingerprint(r) for r in cfg.quality.reference], *shas.values())
+        bg = [input_fingerprint(b) for b in cfg.quality.background] if cfg.quality.negatives != "crawl" else []
+        ref_sha = _combine(*[input_fingerprint(r) for r in cfg.quality.reference], *bg, *shas.values())
         qmodel = map_shards(train_quality_task, [([str(p) for p in docs], ref_sha, str(out), cfg)], **opts)[0]
     if cfg.toxicity.model_path:
-        tmodel = {"path": str(shutil.copyfile(cfg.toxicity.model_path, models / "toxicity.bin")), "trained": False}
+        tmodel = copy_toxicity_model(cfg.toxicity.model_path, models)
     else:
-        tox_sha = _combine(file_sha256(cfg.toxicity.training_data),
-                           *[input_fingerprint(r) for r in cfg.quality.reference])
+        tox_sha = _combine(file_sha256(cfg.toxicity.training_data), file_sha256(cfg.bias.groups_file),
+                           *[input_fingerprint(r) for r in cfg.toxicity.clean_data])
         tox_args = (cfg.toxicity.training_data, tox_sha, str(out), cfg)
         tmodel = map_shards(train_toxicity_task, [tox_args], **opts)[0]
-    model_sha = _combine(file_sha256(qmodel["path"]), file_sha256(tmodel["path"]), dedup["sha256"])
+    from tasks.toxicity import calibration_path
+
+    side = calibration_path(tmodel["path"])
+    model_sha = _combine(file_sha256(qmodel["path"]), file_sha256(tmodel["path"]),
+                         file_sha256(side) if side.is_file() else "", dedup["sha256"])
 
     # phase 2: score (map) + threshold (reduce)
     scored = map_shards(score_task, [
@@ -187,6 +228,9 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.STAGES),
                           extracted_docs, extracted_tokens, threshold)
     funnel["models"] = {"quality": qmodel, "toxicity": tmodel}
+    funnel["warnings"] += model_warnings(funnel, cfg.quality.min_holdout_auc, cfg.toxicity.warn_removal)
+    for w in funnel["warnings"]:
+        log.warning("curate: %s", w)
     report(out, funnel, filtered, selected, scored_paths, cfg)
     return funnel
 
@@ -202,8 +246,10 @@ def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], 
         (out / "funnel.json").unlink(missing_ok=True)    # no JSON vouches for plots half redone
         with atomic_path(out / "funnel.png") as tmp:
             plot_funnel(funnel, tmp)
+        tox = next(r for r in funnel["stages"] if r["stage"] == "toxicity")
         with atomic_path(out / "scores.png") as tmp:
-            plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], tmp)
+            plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], tmp, tox.get("histogram"),
+                        cfg.toxicity.max_share, funnel["models"]["quality"].get("method", ""))
         write_text_atomic(funnel_json, out / "funnel.json")
     before, after = {}, {}
     for f in filtered:
@@ -243,11 +289,12 @@ def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
              f"Kept **{funnel['kept']['docs']} documents, {funnel['kept']['tokens']} tokens** "
              f"= **{funnel['kept_token_ratio']:.2%}** of extracted tokens "
              f"(target {funnel['target_keep_ratio']:.2%}; tokens are words).", ""]
-    if funnel.get("warning"):
-        lines += [f"> **Warning:** {funnel['warning']}", ""]
+    for w in funnel["warnings"]:
+        lines += [f"> **Warning:** {w}", ""]
     lines += ["| stage | docs in | docs out | tokens out | top drops |", "|---|---:|---:|---:|---|"]
     for r in funnel_table(funnel):
         lines.append(f"| {r['stage']} | {r['docs in']} | {r['docs out']} | {r['tokens out']} | {r['top drops']} |")
+    lines += ["", *models_markdown(funnel.get("models", {}))]
     flagged = [g for g, r in bias.get("groups", {}).items() if r.get("flagged")]
     lines += ["", f"## Bias audit: {'flagged ' + ', '.join(flagged) if flagged else 'no group flagged'}",
               f"Overall removal rate {bias['overall']['removal_rate'] or 0:.1%}; a group is flagged when its "
@@ -263,6 +310,35 @@ def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
                      f"{rate} | {ratio} | {f'{worst} ({ratios[worst]:.2f}x)' if worst else '-'} |")
     lines += ["", f"Outputs: `{out}/docs`, `{out}/rejected`, `{out}/funnel.json`, `{out}/bias.json`"]
     return "\n".join(lines)
+
+
+def models_markdown(models: dict) -> list[str]:
+    """What each model stage learnt from: the size and source of every training set, and how well it
+    separates held-out data. Score histograms with their thresholds: scores.png."""
+    lines = ["## Models (score histograms and thresholds: scores.png)"]
+    q, t = models.get("quality", {}), models.get("toxicity", {})
+    if not q.get("training"):
+        lines.append(f"- quality: given model `{q.get('source', q.get('path'))}` ({q.get('method', '?')})")
+    else:
+        pos, neg = q["training"]["positives"], q["training"]["negatives"]
+        auc = q.get("holdout_auc")
+        lines.append(f"- quality ({q['method']}): {pos['texts']} positives ({pos['unit']}, {pos['words']} words) "
+                     f"from {', '.join(f'`{x}`' for x in pos['source'])}; {neg['texts']} negatives "
+                     f"({neg['crawl_docs']} crawl documents, {neg['background_texts']} background chunks"
+                     f"{', ' + str(neg['dropped_as_likely_positive']) + ' crawl documents dropped as likely positives' if neg['dropped_as_likely_positive'] else ''}); "
+                     f"held-out ROC-AUC {'-' if auc is None else f'{auc:.3f}'} "
+                     f"({q.get('holdout_pos')} vs {q.get('holdout_neg')} texts)")
+    if not t.get("training"):
+        lines.append(f"- toxicity: given model `{t.get('source', t.get('path'))}`")
+    else:
+        lab, clean = t["training"]["labelled"], t["training"]["clean"]
+        lines.append(f"- toxicity (fasttext): {lab['texts']} labelled texts ({lab['toxic']} toxic) from "
+                     f"`{lab['source']}`; {clean['sentences']} clean sentences from "
+                     f"{', '.join(f'`{x}`' for x in clean['source'])}; {t['training']['identity_sentences']} "
+                     f"neutral identity sentences; sentence threshold {t.get('sentence_threshold', 0):.3f}, "
+                     f"calibrated on {clean['heldout_chunks']} held-out clean chunks (documents removed there: "
+                     f"{t.get('heldout_doc_fpr', 0):.2%})")
+    return lines
 
 
 @flow(name="curate", log_prints=True)

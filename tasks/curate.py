@@ -31,6 +31,7 @@ FILTER_STAGES = ["langid", "gopher_repetition", "gopher_quality", "c4", "fineweb
 SCORE_STAGES = ["dedup", "pii", "toxicity"]
 STAGES = FILTER_STAGES + SCORE_STAGES + ["quality"]
 
+HIST_BINS = 50  # toxicity share histogram over [0, 1], summed across shards for the funnel's plot
 REJECT_COLUMNS = ["id", "url", "domain", "source", "stage", "reason", "detail", "n_words", "groups", "text"]
 
 
@@ -140,7 +141,7 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
     """Drop duplicates, mask PII, drop toxic documents, attach quality scores."""
     from tasks.pii import mask_pii
     from tasks.quality import score_quality
-    from tasks.toxicity import score_toxicity, wordlist_ratio
+    from tasks.toxicity import judge
 
     table = pq.read_table(work / "filtered" / f"{shard}.parquet")
     drops = pq.read_table(drops_path)
@@ -163,21 +164,17 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
                  pii_phone=counts.get("phone", 0), pii_ip=counts.get("ip", 0))
         docs.append(d)
     texts = [d["text"] for d in docs]
-    tox_max, tox_mean = score_toxicity(toxicity_model, texts) if docs else (np.zeros(0), np.zeros(0))
-    wl = wordlist_ratio(texts, cfg.toxicity.wordlist, cfg.bias.groups_file) if docs else np.zeros(0)
+    tox_cols, reasons, details = judge(toxicity_model, texts, cfg.toxicity, cfg.bias.groups_file)
     qual = score_quality(quality_model, texts) if docs else np.zeros(0)
-    t = cfg.toxicity
+    stats["toxicity"]["histogram"] = np.histogram(tox_cols["toxicity_share"], bins=HIST_BINS, range=(0, 1))[0].tolist()
     scored = []
-    for d, mx, mn, ratio, q in zip(docs, tox_max, tox_mean, wl, qual):
-        d.update(toxicity_score=float(mx), toxicity_mean=float(mn), wordlist_ratio=float(ratio), quality_score=float(q))
-        reason = ("toxic sentence" if mx > t.max_score else "toxic document" if mn > t.max_mean_score
-                  else "word list" if ratio > t.max_wordlist_ratio else None)
+    for i, (d, reason, q) in enumerate(zip(docs, reasons, qual)):
+        d.update({k: float(v[i]) for k, v in tox_cols.items()}, quality_score=float(q))
         w = d["n_words"]
         _pass(stats, "toxicity", w, w, reason is None)
         if reason:
             _drop(stats, "toxicity", reason, w)
-            rejected.append(_reject_row(d, "toxicity", reason,
-                                        f"max {mx:.2f} mean {mn:.2f} wordlist {ratio:.3f}", w))
+            rejected.append(_reject_row(d, "toxicity", reason, details[i], w))
         else:
             scored.append(d)
     write_parquet_atomic(pa.Table.from_pylist(scored) if scored else _empty_scored(table.schema),
@@ -188,9 +185,10 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
 
 
 def _empty_scored(schema: pa.Schema) -> pa.Table:
+    from tasks.toxicity import COLUMNS
+
     for name, typ in [("pii_email", pa.int64()), ("pii_phone", pa.int64()), ("pii_ip", pa.int64()),
-                      ("toxicity_score", pa.float64()), ("toxicity_mean", pa.float64()),
-                      ("wordlist_ratio", pa.float64()), ("quality_score", pa.float64())]:
+                      *[(c, pa.float64()) for c in COLUMNS], ("quality_score", pa.float64())]:
         schema = schema.append(pa.field(name, typ))
     return schema.empty_table()
 

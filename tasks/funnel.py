@@ -28,6 +28,9 @@ def merge_stats(parts: list[dict], stages: list[str]) -> list[dict]:
             for k in ("drops", "dropped_tokens"):
                 for reason, v in st[k].items():
                     row[k][reason] = row[k].get(reason, 0) + v
+            if "histogram" in st:   # a model stage's score histogram, summed bin by bin
+                prev = row.get("histogram") or [0] * len(st["histogram"])
+                row["histogram"] = [a + b for a, b in zip(prev, st["histogram"])]
         row["drops"] = dict(sorted(row["drops"].items(), key=lambda kv: -kv[1]))
         row["dropped_tokens"] = {k: row["dropped_tokens"][k] for k in row["drops"]}
         rows.append(row)
@@ -51,8 +54,7 @@ def build_funnel(extract: dict | None, stage_rows: list[dict], extracted_docs: i
     if extract is not None:
         funnel["extract"] = {"pages": extract["pages"], "docs": extract["docs"],
                              "rejected_by_reason": extract["rejected_by_reason"]}
-    if not threshold.get("reachable", True):
-        funnel["warning"] = threshold["note"]
+    funnel["warnings"] = [] if threshold.get("reachable", True) else [threshold["note"]]
     return funnel
 
 
@@ -88,22 +90,54 @@ def plot_funnel(funnel: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_scores(scored_paths: list[str], threshold: float, path: Path) -> None:
-    """Histograms of quality scores (with the chosen threshold) and of toxicity."""
-    cols = {"quality_score": [], "toxicity_score": []}
-    for p in scored_paths:
-        t = pq.read_table(p, columns=list(cols))
-        for c in cols:
-            cols[c].append(t[c].to_numpy(zero_copy_only=False))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (c, arrs) in zip(axes, cols.items()):
-        v = np.concatenate(arrs) if arrs else np.zeros(0)
-        ax.hist(v, bins=40, range=(0, 1), color="#55a868")
-        ax.set_title(f"{c} ({len(v)} docs after toxicity)" if c == "quality_score" else f"{c} (kept by toxicity)")
-        ax.set_xlabel("score")
-        if c == "quality_score":
-            ax.axvline(threshold, color="#c44e52", label=f"threshold {threshold:.3f}")
+def plot_scores(scored_paths: list[str], threshold: float, path: Path, toxicity_hist: list[int] | None = None,
+                toxicity_threshold: float | None = None, method: str = "") -> None:
+    """One histogram per model stage, each with its threshold: the quality score of the documents that
+    reached the quality stage, and the toxicity share of those that reached the toxicity stage."""
+    parts = [pq.read_table(p, columns=["quality_score"])["quality_score"].to_numpy(zero_copy_only=False)
+             for p in scored_paths]
+    q = np.concatenate(parts) if parts else np.zeros(0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax = axes[0]
+    lo, hi = (float(q.min()), float(q.max())) if len(q) else (0.0, 1.0)
+    ax.hist(q, bins=50, range=(lo, hi if hi > lo else lo + 1), color="#55a868")
+    ax.axvline(threshold, color="#c44e52", label=f"threshold {threshold:.4g}")
+    kept = int((q >= threshold).sum())
+    ax.set_title(f"quality score{f' ({method})' if method else ''}: {kept} of {len(q)} docs kept")
+    ax.set_xlabel("score (higher: more like the reference)")
+    ax.set_ylabel("documents (log)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax = axes[1]
+    if toxicity_hist:
+        bins = len(toxicity_hist)
+        ax.bar((np.arange(bins) + 0.5) / bins, toxicity_hist, width=1 / bins, color="#8172b2")
+        if toxicity_threshold is not None:
+            ax.axvline(toxicity_threshold, color="#c44e52", label=f"drop above {toxicity_threshold:.2f}")
             ax.legend()
+        ax.set_yscale("log")
+        ax.set_title(f"toxicity: share of words in toxic sentences ({sum(toxicity_hist)} docs)")
+        ax.set_xlabel("share")
+    else:
+        ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def model_warnings(funnel: dict, min_holdout_auc: float, max_toxicity_removal: float) -> list[str]:
+    """What a user should look at before trusting a model stage."""
+    out = []
+    q = funnel.get("models", {}).get("quality", {})
+    auc = q.get("holdout_auc")
+    if auc is not None and auc < min_holdout_auc:
+        out.append(f"quality model ({q.get('method')}) separates its held-out reference chunks from held-out "
+                   f"negatives at ROC-AUC {auc:.3f} < {min_holdout_auc}: too small or too crawl-like a reference, "
+                   f"or negatives full of reference-like text (try negatives=crawl+background or pu_rounds=1)")
+    tox = next((r for r in funnel["stages"] if r["stage"] == "toxicity"), None)
+    if tox and tox["docs_in"]:
+        share = (tox["docs_in"] - tox["docs_out"]) / tox["docs_in"]
+        if share > max_toxicity_removal:
+            out.append(f"toxicity removed {share:.1%} of the documents that reached it (more than "
+                       f"{max_toxicity_removal:.0%}): read rejected/ (stage toxicity) before trusting it")
+    return out

@@ -71,7 +71,8 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
                                  "id": 1}) + "\n" + json.dumps({"text": "click here buy now cheap!!!", "id": 2}) + "\n")
     for kind in ("quality", "toxicity"):
         scored = tmp_path / f"{kind}.parquet"
-        p = subprocess.run(REFINERY + ["score", kind, "--model", str(cur / "models" / f"{kind}.bin"),
+        model = cur / "models" / ("quality.npz" if kind == "quality" else "toxicity.bin")
+        p = subprocess.run(REFINERY + ["score", kind, "--model", str(model),
                                        "--input", str(texts), "--out", str(scored)],
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -79,7 +80,7 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
         assert [r["id"] for r in rows] == [1, 2] and all(0 <= r[f"{kind}_score"] <= 1 for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"no_text": 1}\n')
-    p = subprocess.run(REFINERY + ["score", "quality", "--model", str(cur / "models" / "quality.bin"),
+    p = subprocess.run(REFINERY + ["score", "quality", "--model", str(cur / "models" / "quality.npz"),
                                    "--input", str(bad), "--out", str(tmp_path / "x.parquet")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and "bad.jsonl:1" in p.stderr

@@ -101,8 +101,19 @@ def test_outputs_models_plots_and_artifacts(curated):
 
     out = curated[0] / "out"
     for name in ("funnel.json", "bias.json", "funnel.png", "scores.png", "bias.png",
-                 "models/quality.bin", "models/toxicity.bin"):
+                 "models/quality.npz", "models/toxicity.bin", "models/toxicity.calibration.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # evidence for each model stage: training sets (size, source), held-out separation, score histogram
+    funnel = json.loads((out / "funnel.json").read_text())
+    q, t = funnel["models"]["quality"], funnel["models"]["toxicity"]
+    assert q["method"] == "tfidf" and q["training"]["positives"]["texts"] == q["n_pos"] > 100
+    assert q["training"]["positives"]["source"] == [str(CUR / "reference" / "gutenberg")]
+    assert q["training"]["negatives"]["crawl_docs"] == q["n_neg"] > 100 and q["holdout_auc"] > 0.9
+    assert t["training"]["labelled"]["texts"] == 19830 and t["training"]["clean"]["sentences"] > 10_000
+    assert t["training"]["identity_sentences"] > 0 and 0.5 <= t["sentence_threshold"] < 1
+    tox = next(s for s in funnel["stages"] if s["stage"] == "toxicity")
+    assert len(tox["histogram"]) == 50 and sum(tox["histogram"]) == tox["docs_in"]
+    assert isinstance(funnel["warnings"], list)
     bias = json.loads((out / "bias.json").read_text())
     assert set(bias["groups"]) >= {"gender", "religion", "ethnicity", "sexual_orientation", "disability"}
     # per-stage attribution adds up: every removed document mentioning a group was removed by one stage
@@ -117,6 +128,8 @@ def test_outputs_models_plots_and_artifacts(curated):
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr])))
     keys = {a.key for a in arts}
     assert {"curation-funnel", "curation-summary"} <= keys
+    summary = next(a for a in arts if a.key == "curation-summary").data
+    assert "## Models" in summary and "held-out ROC-AUC" in summary and "calibrated on" in summary
 
 
 def test_rerun_is_cached(curated):
@@ -144,4 +157,4 @@ def test_unreachable_target_is_reported_plainly(prefect_api, tmp_path):
         "target_keep_ratio": 0.9, "reference": [str(CUR / "reference" / "gutenberg")]}}})
     funnel = curate_flow([str(tmp_path / "mix")], str(tmp_path / "out"), cfg)
     assert not funnel["quality_threshold"]["reachable"]
-    assert "not reachable" in funnel["warning"] and funnel["kept_token_ratio"] < 0.9
+    assert any("not reachable" in w for w in funnel["warnings"]) and funnel["kept_token_ratio"] < 0.9

@@ -155,7 +155,7 @@ def test_outputs_are_identical(runs):
     assert [k for k in a if a[k] != b[k]] == []
     # the comparison covered every stage's real outputs
     for rel in ("curate/extract/extract_summary.json", "curate/funnel.json", "curate/bias.json",
-                "curate/models/quality.bin", "curate/models/toxicity.bin", "shard/manifest.json",
+                "curate/models/quality.npz", "curate/models/toxicity.bin", "shard/manifest.json",
                 "shard/tokenizer/tokenizer.json"):
         assert rel in a, rel
     for d in ("curate/extract/docs", "curate/docs", "curate/rejected", "shard/train", "shard/val"):

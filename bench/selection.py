@@ -1,6 +1,6 @@
 """Domain selection from a small reference: which method ranks a domain's documents on top of a crawl?
 
-    .venv/bin/python bench/select.py [--data ../shared/data] [--refs 10 30 100] [--seeds 2]
+    .venv/bin/python bench/selection.py [--data ../shared/data] [--refs 10 30 100] [--seeds 2]
                                      [--methods tfidf fasttext ...] [--json bench/out/select.json]
                                      [--plot docs/bench-select.png]
 
@@ -22,22 +22,17 @@ scores the mix. Reported per domain, R and method, averaged over --seeds draws o
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import tempfile
+import time
+import zlib
 from pathlib import Path
 
-# this file shares its name with the standard library's `select`: keep its folder off the front of the
-# import path, or `import socket` (via pydantic) would import this script
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p not in (_HERE, "")] + [_HERE]
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-
-import numpy as np  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import ROOT, check_data, default_data, domain_docs, web_pages  # noqa: E402
 
 from flows.config import QualityConfig  # noqa: E402
