@@ -5,7 +5,7 @@
 A fixed, general background corpus shipped with the package: one document in five of each domain
 folder (legal, medical, finance, science, general), chosen by a hash of its id. Domain selection uses it
 as general text to contrast a reference with, and the toxicity classifier as clean prose of many topics.
-The other four in five are never shipped here: bench/select.py and bench/toxicity.py draw their
+The other four in five are never shipped here: bench/selection.py and bench/toxicity.py draw their
 references, mixes and held-out sets from them only (`in_background` below is the one rule).
 """
 from __future__ import annotations

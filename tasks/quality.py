@@ -2,7 +2,7 @@
 paragraph-aligned chunks) against crawl documents and/or a general background (negatives).
 
 The method is `curate.quality.method`; each is one file with `train(positives, negatives, path, ...)`
-and `score(path, texts)` (tasks/select_*.py). bench/select.py measures them side by side."""
+and `score(path, texts)` (tasks/select_*.py). bench/selection.py measures them side by side."""
 from __future__ import annotations
 
 import importlib

@@ -14,9 +14,12 @@ def save_model(path, method: str, **arrays) -> int:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a bare name
-        np.savez_compressed(f, method=np.array(method), **arrays)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a bare name
+            np.savez_compressed(f, method=np.array(method), **arrays)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out.stat().st_size
 
 

@@ -1,6 +1,6 @@
 """Selection by logistic regression over hashed TF-IDF word uni- and bigrams (the default method).
 
-Why this beats fastText on a small reference (bench/select.py): IDF is taken from the crawl, so words
+Why this beats fastText on a small reference (bench/selection.py): IDF is taken from the crawl, so words
 every crawl page uses weigh little and the terms that set the reference apart weigh most; the model
 is a plain L2-regularised linear one over 2^18 sparse features, fitted to convergence with L-BFGS,
 with no 16-dimensional bottleneck and no learning-rate schedule to go wrong on a few hundred lines.

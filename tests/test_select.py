@@ -1,7 +1,7 @@
 """Domain selection from a small reference, every method on real text: 15 documents of a domain from the
 shipped background corpus as the reference, the corpus' other documents (that domain's others among them,
 about a sixth of the mix) as the crawl. The floors are a margin under what each method measured here;
-bench/select.py has the full comparison on data that is not shipped."""
+bench/selection.py has the full comparison on data that is not shipped."""
 from __future__ import annotations
 
 import json
