@@ -41,6 +41,8 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) bench/extract.py
 	$(BENCH_PY) bench/curate.py
 	$(BENCH_PY) bench/curate.py --dedup-memory 200000 1000000
+	$(BENCH_PY) bench/selection.py
+	$(BENCH_PY) bench/toxicity.py --plot docs/bench-toxicity.png
 	$(BENCH_PY) bench/shard.py
 	$(BENCH_PY) bench/loader.py
 	$(BENCH_PY) bench/e2e.py

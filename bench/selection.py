@@ -11,13 +11,14 @@ For each domain of ../shared/data/domains (legal, medical, finance, science, gen
              whose topic is the domain's own are left out, see WEB_TOPICS there). No reference
              document is ever in the mix.
 Each method is trained through tasks.quality.train_quality exactly as `refinery curate` trains it
-(reference cut into 200-word chunks as positives; the mix as the crawl; the shipped background), then
-scores the mix. Reported per domain, R and method, averaged over --seeds draws of reference and mix:
+(reference cut into 200-word chunks as positives; the mix as the crawl; the shipped background; one
+cross-fitting model per half of the crawl), then scores the mix as the pipeline does (tasks.quality.
+score_crawl: each document by the model that did not train on it). Reported per domain, R and method, averaged over --seeds draws of reference and mix:
   auc        ROC-AUC of domain vs rest over the mix's documents;
   precision  share of the kept words that are the domain's, keeping the top-scored documents until
              half the domain's share of words is kept (the keep target a user would set);
   recall     share of the domain's words kept at that point;
-  train s    the final fit (the held-out check and PU rounds of the pipeline come on top: "total s");
+  train s    the final fit (the held-out check, PU rounds and cross-fitting models come on top: "total s");
   ms/1k      scoring time per 1,000 mix documents, beside trafilatura's extraction time per 1,000 pages.
 """
 from __future__ import annotations
@@ -33,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import ROOT, check_data, default_data, domain_docs, web_pages  # noqa: E402
+from corpus import DOMAINS, ROOT, check_data, default_data, domain_docs, web_pages  # noqa: E402
 
 from flows.config import QualityConfig  # noqa: E402
 from tasks import fasttext_model as ft  # noqa: E402
 from tasks.extract import count_words  # noqa: E402
-from tasks.quality import _chunks, load_reference, score_quality, train_quality  # noqa: E402
+from tasks.quality import _chunks, load_reference, score_crawl, train_quality  # noqa: E402
 
 SHARE = 0.10  # the domain's share of the mix's words
 METHODS = {   # name -> QualityConfig fields
@@ -49,6 +50,7 @@ METHODS = {   # name -> QualityConfig fields
     "moore-lewis (crawl)": {"method": "moore-lewis"},
     "embedding (crawl)": {"method": "embedding"},
     "tfidf (crawl+background)": {"method": "tfidf", "negatives": "crawl+background"},
+    "tfidf (crawl, no cross-fitting)": {"method": "tfidf", "crossfit_folds": 1},
     "tfidf (crawl)": {"method": "tfidf"},                # the default
 }
 
@@ -96,10 +98,11 @@ def run_one(method: str, fields: dict, ref: list[dict], mix: list[dict], y: np.n
     texts = [d["text"] for d in mix]
     path = tmp / ("quality.bin" if cfg.method == "fasttext" else "quality.npz")
     t0 = time.perf_counter()
-    info = train_quality(positives, texts, cfg, path, background=background)
+    ids = [d["id"] for d in mix]
+    info = train_quality(positives, texts, cfg, path, background=background, crawl_ids=ids)
     total = time.perf_counter() - t0
     t1 = time.perf_counter()
-    s = score_quality(path, texts)
+    s = score_crawl(path, texts, ids, info["fold_paths"])   # as the pipeline scores its crawl
     score_s = time.perf_counter() - t1
     n = np.array([d["n"] for d in mix], dtype=np.float64)
     prec, rec = at_keep(s, y, n)
@@ -132,7 +135,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--refs", type=int, nargs="+", default=[10, 30, 100])
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--domains", nargs="+", default=["legal", "medical", "finance", "science", "general"])
+    ap.add_argument("--domains", nargs="+", default=DOMAINS, choices=DOMAINS, help="target domains")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="names from METHODS (quote them)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "select.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench-select.png")
@@ -146,16 +149,15 @@ def main() -> None:
             print(f"skipping the embedding method: {e}")
             methods.pop("embedding (crawl)")
 
-    pools: dict[str, list[dict]] = {d: [] for d in args.domains}
+    pools: dict[str, list[dict]] = {d: [] for d in DOMAINS}   # every domain in every mix, whichever are targets
     for d in domain_docs(data):
-        if d["source"] in pools:
-            pools[d["source"]].append(d)
+        pools[d["source"]].append(d)
     pools["web"] = web_pages(data)
     for docs in pools.values():
         for d in docs:
             d["n"] = count_words(d["text"])
     background = load_reference(QualityConfig().background, QualityConfig().chunk_words)
-    web_topics = {t: sum(d["topic"] == t for d in pools["web"]) for t in ("web", *args.domains)}
+    web_topics = {t: sum(d["topic"] == t for d in pools["web"]) for t in ("web", *DOMAINS)}
     print(f"pools: {', '.join(f'{k} {len(v)} docs' for k, v in pools.items())}; web page topics {web_topics}; "
           f"background {len(background)} chunks")
     extract_ms = extraction_ms_per_1k(data)

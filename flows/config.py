@@ -151,6 +151,8 @@ class QualityConfig(_Model):
     background: list[str] = Field(default_factory=lambda: [str(SAMPLE / "curation" / "background" / "docs.jsonl")],
                                   description="general text of many topics (shipped: one in five of the domain sets)")
     pu_rounds: int = Field(0, ge=0, le=5, description="retrain after dropping crawl negatives scored like the reference")
+    crossfit_folds: int = Field(2, ge=1, le=10, description="crawl documents are scored by a model that did not "
+                                                            "train on them, one per fold of the crawl (1: off)")
     max_negatives: int = Field(20_000, ge=10, description="crawl documents sampled as negatives")
     chunk_words: int = Field(200, ge=10, description="reference text is cut into chunks of about this size")
     min_holdout_auc: float = Field(0.9, ge=0, le=1, description="warn when held-out training data separates worse")

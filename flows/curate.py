@@ -56,18 +56,18 @@ def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, c
 
     q = config.quality
     positives = load_reference(q.reference, q.chunk_words)
-    crawl = sample_negatives(docs_paths, q.max_negatives) if q.negatives != "background" else []
+    ids, crawl = sample_negatives(docs_paths, q.max_negatives) if q.negatives != "background" else ([], [])
     background = load_reference(q.background, q.chunk_words) if q.negatives != "crawl" else []
     path = Path(out_dir) / "models" / model_filename(q.method)
-    metrics = train_quality(positives, crawl, q, path, background=background)
+    metrics = train_quality(positives, crawl, q, path, background=background, crawl_ids=ids)
     training = {"positives": {"texts": len(positives), "words": _words(positives), "source": q.reference,
                               "unit": f"reference chunks of ~{q.chunk_words} words"},
                 "negatives": {"texts": metrics["n_neg"], "words": _words(crawl) + _words(background), "source": q.negatives,
                               "crawl_docs": metrics["n_neg_crawl"], "background_texts": metrics["n_neg_background"],
                               "background": q.background if background else [],
                               "dropped_as_likely_positive": metrics["pu_dropped"]}}
-    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path)], "training": training,
-            **metrics}
+    return {"path": str(path), "sha256": file_sha256(path), "outputs": [str(path), *metrics["fold_paths"]],
+            "training": training, **metrics}
 
 
 def _words(texts: list[str]) -> int:
@@ -96,8 +96,9 @@ def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config:
 
 @task(name="curate-score", cache_key_fn=shard_cache_key, persist_result=True)
 def score_task(shard_name: str, input_sha256: str, out_dir: str, drops_path: str, quality_model: str,
-               toxicity_model: str, config: CurateConfig) -> dict:
-    return steps.score_shard(shard_name, Path(out_dir) / "work", drops_path, quality_model, toxicity_model, config)
+               quality_folds: list[str], toxicity_model: str, config: CurateConfig) -> dict:
+    return steps.score_shard(shard_name, Path(out_dir) / "work", drops_path, quality_model, toxicity_model, config,
+                             quality_folds)
 
 
 @task(name="curate-select", cache_key_fn=shard_cache_key, persist_result=True)
@@ -119,8 +120,8 @@ def copy_toxicity_model(src: str, models: Path) -> dict:
     return {"path": str(dst), "trained": False, "source": src}
 
 
-def sample_negatives(docs_paths: list[str], n: int) -> list[str]:
-    """A deterministic sample of crawl documents: the n with the smallest hash of their id."""
+def sample_negatives(docs_paths: list[str], n: int) -> tuple[list[str], list[str]]:
+    """A deterministic sample of crawl documents, (ids, texts): the n with the smallest hash of their id."""
     keyed = []
     for p in docs_paths:
         ids = pq.read_table(p, columns=["id"])["id"].to_pylist()
@@ -129,11 +130,13 @@ def sample_negatives(docs_paths: list[str], n: int) -> list[str]:
     chosen: dict[str, set[int]] = {}
     for _, p, r in keyed[:n]:
         chosen.setdefault(p, set()).add(r)
-    texts = []
+    ids, texts = [], []
     for p, rows in sorted(chosen.items()):
-        col = pq.read_table(p, columns=["text"])["text"].to_pylist()
+        t = pq.read_table(p, columns=["id", "text"])
+        col, idc = t["text"].to_pylist(), t["id"].to_pylist()
         texts += [col[r] for r in sorted(rows)]
-    return texts
+        ids += [idc[r] for r in sorted(rows)]
+    return ids, texts
 
 
 # ---- the flow -----------------------------------------------------------------------------------
@@ -206,13 +209,14 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     from tasks.toxicity import calibration_path
 
     side = calibration_path(tmodel["path"])
-    model_sha = _combine(file_sha256(qmodel["path"]), file_sha256(tmodel["path"]),
+    folds = qmodel.get("fold_paths", [])
+    model_sha = _combine(file_sha256(qmodel["path"]), *[file_sha256(f) for f in folds], file_sha256(tmodel["path"]),
                          file_sha256(side) if side.is_file() else "", dedup["sha256"])
 
     # phase 2: score (map) + threshold (reduce)
     scored = map_shards(score_task, [
         (names[p], _combine(file_sha256(out / "work" / "filtered" / f"{names[p]}.parquet"), model_sha), str(out),
-         dedup["path"], qmodel["path"], tmodel["path"], cfg) for p in docs],
+         dedup["path"], qmodel["path"], folds, tmodel["path"], cfg) for p in docs],
         on_result=progress.phase("curate-score-progress", "curate: PII, toxicity, quality scores"), **opts)
     extracted_docs = sum(f["input_docs"] for f in filtered)
     extracted_tokens = sum(f["input_tokens"] for f in filtered)

@@ -137,10 +137,11 @@ def _kept_schema(docs_path: str) -> pa.Schema:
 # ---- phase 2: score -----------------------------------------------------------------------
 
 def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, toxicity_model: str,
-                cfg: CurateConfig) -> dict:
-    """Drop duplicates, mask PII, drop toxic documents, attach quality scores."""
+                cfg: CurateConfig, quality_folds: list[str] | None = None) -> dict:
+    """Drop duplicates, mask PII, drop toxic documents, attach quality scores (each document by the
+    cross-fitting fold model that did not train on it, when there are fold models)."""
     from tasks.pii import mask_pii
-    from tasks.quality import score_quality
+    from tasks.quality import score_crawl
     from tasks.toxicity import judge
 
     table = pq.read_table(work / "filtered" / f"{shard}.parquet")
@@ -165,7 +166,7 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
         docs.append(d)
     texts = [d["text"] for d in docs]
     tox_cols, reasons, details = judge(toxicity_model, texts, cfg.toxicity, cfg.bias.groups_file)
-    qual = score_quality(quality_model, texts) if docs else np.zeros(0)
+    qual = score_crawl(quality_model, texts, [d["id"] for d in docs], quality_folds or []) if docs else np.zeros(0)
     stats["toxicity"]["histogram"] = np.histogram(tox_cols["toxicity_share"], bins=HIST_BINS, range=(0, 1))[0].tolist()
     scored = []
     for i, (d, reason, q) in enumerate(zip(docs, reasons, qual)):

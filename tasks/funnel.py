@@ -100,22 +100,21 @@ def plot_scores(scored_paths: list[str], threshold: float, path: Path, toxicity_
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     ax = axes[0]
     lo, hi = (float(q.min()), float(q.max())) if len(q) else (0.0, 1.0)
-    ax.hist(q, bins=50, range=(lo, hi if hi > lo else lo + 1), color="#55a868")
+    counts, _, _ = ax.hist(q, bins=50, range=(lo, hi if hi > lo else lo + 1), color="#55a868")
     ax.axvline(threshold, color="#c44e52", label=f"threshold {threshold:.4g}")
     kept = int((q >= threshold).sum())
     ax.set_title(f"quality score{f' ({method})' if method else ''}: {kept} of {len(q)} docs kept")
     ax.set_xlabel("score (higher: more like the reference)")
-    ax.set_ylabel("documents (log)")
-    ax.set_yscale("log")
+    _count_axis(ax, counts)
     ax.legend()
     ax = axes[1]
     if toxicity_hist:
         bins = len(toxicity_hist)
         ax.bar((np.arange(bins) + 0.5) / bins, toxicity_hist, width=1 / bins, color="#8172b2")
+        _count_axis(ax, np.asarray(toxicity_hist))
         if toxicity_threshold is not None:
             ax.axvline(toxicity_threshold, color="#c44e52", label=f"drop above {toxicity_threshold:.2f}")
             ax.legend()
-        ax.set_yscale("log")
         ax.set_title(f"toxicity: share of words in toxic sentences ({sum(toxicity_hist)} docs)")
         ax.set_xlabel("share")
     else:
@@ -123,6 +122,18 @@ def plot_scores(scored_paths: list[str], threshold: float, path: Path, toxicity_
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _count_axis(ax, counts) -> None:
+    """Log counts only when a few bins dwarf the rest; small runs read better on a linear axis."""
+    from matplotlib.ticker import ScalarFormatter
+
+    if len(counts) and counts.max() > 100:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylabel("documents (log)")
+    else:
+        ax.set_ylabel("documents")
 
 
 def model_warnings(funnel: dict, min_holdout_auc: float, max_toxicity_removal: float) -> list[str]:
@@ -134,6 +145,10 @@ def model_warnings(funnel: dict, min_holdout_auc: float, max_toxicity_removal: f
         out.append(f"quality model ({q.get('method')}) separates its held-out reference chunks from held-out "
                    f"negatives at ROC-AUC {auc:.3f} < {min_holdout_auc}: too small or too crawl-like a reference, "
                    f"or negatives full of reference-like text (try negatives=crawl+background or pu_rounds=1)")
+    t = funnel.get("models", {}).get("toxicity", {})
+    if (fpr := t.get("heldout_doc_fpr")) is not None and fpr > 0.02:
+        out.append(f"toxicity model removes {fpr:.1%} of its held-out clean prose: the clean data may not "
+                   f"cover your text's topics (curate.toxicity.clean_data)")
     tox = next((r for r in funnel["stages"] if r["stage"] == "toxicity"), None)
     if tox and tox["docs_in"]:
         share = (tox["docs_in"] - tox["docs_out"]) / tox["docs_in"]

@@ -116,8 +116,18 @@ def _held_out(text: str) -> bool:
     return zlib.crc32(text.encode("utf-8", "replace")) % 5 == 0
 
 
+def fold_of(doc_id: str, folds: int) -> int:
+    return zlib.crc32(doc_id.encode("utf-8", "replace")) % folds
+
+
+def fold_path(path, k: int) -> Path:
+    """quality.npz -> quality.fold0.npz: the model that never saw crawl fold k."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.fold{k}{p.suffix}")
+
+
 def train_quality(positives: list[str], crawl: list[str], cfg: QualityConfig, out_path,
-                  background: list[str] | None = None) -> dict:
+                  background: list[str] | None = None, crawl_ids: list[str] | None = None) -> dict:
     """Train `cfg.method` on positives against the negatives `cfg.negatives` names (crawl documents,
     the background corpus, or both) and save it to out_path.
 
@@ -125,12 +135,20 @@ def train_quality(positives: list[str], crawl: list[str], cfg: QualityConfig, ou
     10th percentile of the positives' scores) are taken out and the model retrained: the crawl holds
     the domain too, and a model told those pages are negatives learns to rank them low.
     A fifth of each side (by a hash of the text) is first held out to measure how well the method
-    separates text it did not see; the saved model is then trained on everything."""
+    separates text it did not see; the saved model is then trained on everything.
+    Cross-fitting (`cfg.crossfit_folds` >= 2, with `crawl_ids`): one more model per fold of the crawl
+    (by a hash of the document id), trained without that fold's documents, saved as fold_path(out, k).
+    `score_crawl` scores every crawl document with the model that never saw it: a model that has
+    memorised its negatives ranks a small crawl by how hard each page was to memorise (on the bundled
+    sample, a long listicle above every news article)."""
     mod, params = _module(cfg.method), _params(cfg)
     background = background or []
     use_crawl = cfg.negatives in ("crawl", "crawl+background")
     use_bg = cfg.negatives in ("background", "crawl+background")
     crawl_negs, bg_negs = (crawl if use_crawl else []), (background if use_bg else [])
+    ids = list(crawl_ids) if crawl_ids is not None and use_crawl else None
+    if ids is not None and len(ids) != len(crawl_negs):
+        raise ValueError(f"quality: {len(ids)} crawl ids for {len(crawl_negs)} crawl texts")
     if not positives:
         raise ValueError("quality: the reference holds no text")
     if not crawl_negs and not bg_negs:
@@ -147,13 +165,20 @@ def train_quality(positives: list[str], crawl: list[str], cfg: QualityConfig, ou
             keep = mod.score(scratch, crawl_negs) < cutoff
             dropped += int((~keep).sum())
             crawl_negs = [t for t, k in zip(crawl_negs, keep) if k]
+            ids = [i for i, k in zip(ids, keep) if k] if ids is not None else None
         negatives = crawl_negs + bg_negs
         holdout = _holdout_auc(mod, params, positives, negatives, scratch)
     info = mod.train(positives, negatives, out, **params)
-    return {**info, "fit_seconds": info.get("train_seconds"), "method": cfg.method, "negatives": cfg.negatives, "n_pos": len(positives),
-            "n_neg": len(negatives), "n_neg_crawl": len(crawl_negs), "n_neg_background": len(bg_negs),
-            "pu_rounds": cfg.pu_rounds, "pu_dropped": dropped, **holdout,
-            "train_seconds": round(time.perf_counter() - t0, 3)}
+    folds = []
+    if cfg.crossfit_folds > 1 and ids:
+        for k in range(cfg.crossfit_folds):
+            rest = [t for t, i in zip(crawl_negs, ids) if fold_of(i, cfg.crossfit_folds) != k]
+            mod.train(positives, rest + bg_negs, fold_path(out, k), **params)
+            folds.append(str(fold_path(out, k)))
+    return {**info, "fit_seconds": info.get("train_seconds"), "method": cfg.method, "negatives": cfg.negatives,
+            "n_pos": len(positives), "n_neg": len(negatives), "n_neg_crawl": len(crawl_negs),
+            "n_neg_background": len(bg_negs), "pu_rounds": cfg.pu_rounds, "pu_dropped": dropped, **holdout,
+            "fold_paths": folds, "train_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _holdout_auc(mod, params: dict, positives: list[str], negatives: list[str], scratch: Path) -> dict:
@@ -174,3 +199,17 @@ def _holdout_auc(mod, params: dict, positives: list[str], negatives: list[str], 
 def score_quality(model_path, texts: list[str]) -> np.ndarray:
     """The model's score per text (higher: more like the reference); the method is read off the file."""
     return _module(method_of(model_path)).score(model_path, texts)
+
+
+def score_crawl(model_path, texts: list[str], ids: list[str], fold_paths: list[str]) -> np.ndarray:
+    """Scores of crawl documents: each by the fold model that did not train on it (by its id's fold),
+    or all by model_path when there are no fold models."""
+    if not fold_paths:
+        return score_quality(model_path, texts)
+    folds = np.array([fold_of(i, len(fold_paths)) for i in ids], dtype=np.int64)
+    out = np.zeros(len(texts))
+    for k, path in enumerate(fold_paths):
+        idx = np.flatnonzero(folds == k)
+        if len(idx):
+            out[idx] = score_quality(path, [texts[i] for i in idx])
+    return out
