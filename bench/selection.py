@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--domains", nargs="+", default=DOMAINS, choices=DOMAINS, help="target domains")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="names from METHODS (quote them)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "select.json")
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench-select.png")
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "bench-select.png"), help="PNG ('' for none)")
     args = ap.parse_args()
     data = check_data(args.data)
     methods = {m: METHODS[m] for m in args.methods}
@@ -192,7 +192,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=1))
     print_markdown(rows, extract_ms)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, Path(args.plot))
     print(f"\nwrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
 
 
