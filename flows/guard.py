@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 ALSO_READABLE = (REPO / "sample", REPO / "tasks" / "bias_groups.yaml")
 # config fields that name files or folders the run reads (checked wherever they occur in the config)
 PATH_FIELDS = {"model_path", "reference", "training_data", "wordlist", "groups_file", "tokenizer_path",
-               "compare_tokenizer", "base"}
+               "compare_tokenizer", "base", "background", "clean_data"}
 
 
 class PathNotAllowed(PermissionError):

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from tasks.select_io import load_model, save_model
 
@@ -75,8 +76,11 @@ def fit_logistic(x: sp.csr_matrix, y: np.ndarray, c: float, max_iter: int = 300)
         g = sw * (0.5 * (1.0 + np.tanh(0.5 * z)) - y)  # sigmoid(z) - y
         return loss, np.r_[x.T @ g + w / c, g.sum()]
 
-    r = minimize(loss_grad, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
-                 options={"maxiter": max_iter})
+    # one BLAS thread: a multi-threaded dot product sums in another order, and the same data gave another
+    # model in a Dask worker (which runs BLAS single-threaded) than in the main process
+    with threadpool_limits(limits=1, user_api="blas"):
+        r = minimize(loss_grad, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
+                     options={"maxiter": max_iter})
     return r.x[:-1], float(r.x[-1])
 
 
