@@ -287,6 +287,7 @@ def run(spec: dict) -> dict:
     # validation once more at the end (every rank takes part) so the summary has the final perplexity
     has_val = dm.manifest["splits"]["val"]["tokens"] > 0
     val = (trainer.validate(module, datamodule=dm, verbose=False) or [{}])[0] if has_val else {}
+    release_process_group()
     if not trainer.is_global_zero:
         return {}
     result = summarize(metrics_path, module, cfg, config, max_steps, wall, val)
@@ -308,6 +309,17 @@ def run(spec: dict) -> dict:
             result["export"] = str(export_hf(module, data_dir, out))
     write_text_atomic(json.dumps(result, indent=2), out / "result.json")
     return result
+
+
+def release_process_group() -> None:
+    """All ranks leave the process group together before rank 0 exports: a rank that exits while
+    its gloo group is alive can abort in the group's destructor ("terminate called without an
+    active exception", SIGABRT), failing a run whose training had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def kill_switch() -> list[Callback]:
