@@ -1,4 +1,4 @@
-"""`refinery plan`, `refinery generate`, `refinery quantize`: quick model tools that need no flow."""
+"""`refinery plan`, `generate`, `quantize`, `eval`: quick model tools that need no flow."""
 from __future__ import annotations
 
 import json
@@ -56,4 +56,22 @@ def quantize(args, cfg: RefineryConfig) -> int:
 
     report = q.quantize_folder(args.model, args.out, data_dir=args.data, max_batches=args.batches)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def eval(args, cfg: RefineryConfig) -> int:  # noqa: A001 - the subcommand's name
+    """`refinery eval`: bits per byte of one model on each data set -> OUT/eval.json and a table."""
+    import sys
+
+    from rich.console import Console
+
+    from models.evaluate import evaluate, table, write_eval
+
+    if args.context < 1 or args.batch_size < 1:
+        raise ValueError("--context and --batch-size must be positive")
+    result = evaluate(args.model, args.data, context=args.context, batch_size=args.batch_size, device=args.device,
+                      base=args.base, show_progress=not args.no_progress and sys.stderr.isatty())
+    path = write_eval(result, args.out)
+    Console().print(table(result))
+    print(f"wrote {path}")
     return 0
