@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help="torch.compile the model")
         p.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+        p.add_argument("--eval-data", nargs="+", dest="eval_data", metavar="PATH",
+                       help="held-out sets the eval stage scores in bits per byte besides the val shard "
+                            "(.txt, .jsonl, Parquet, shard folders); a fine-tune's base is scored beside it")
         _common(p)
 
     p = sub.add_parser("train", help="pretrain a decoder, encoder or encoder-decoder on tokenized shards")
@@ -134,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
 
+    p = sub.add_parser("eval", help="bits per byte (and loss, perplexity) of a causal LM on text, per data set")
+    p.add_argument("--model", required=True,
+                   help="an export (OUT/hf), a Hugging Face causal-LM folder, a .gguf, or a LoRA adapter folder")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help=".txt (one document), .jsonl (a \"text\" field), a documents Parquet file or folder, "
+                        "or a shard folder (its val split)")
+    p.add_argument("--out", default="eval", help="writes OUT/eval.json (default: ./eval)")
+    p.add_argument("--context", type=int, default=1024, help="tokens per scoring window (non-overlapping)")
+    p.add_argument("--batch-size", type=int, default=4, dest="batch_size", help="windows per forward pass")
+    p.add_argument("--base", help="an adapter's base model, where adapter_config.json's path is not valid here")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _common(p)
+
     p = sub.add_parser("quantize", help="int8 weight quantization (per-channel absmax) of an export")
     p.add_argument("model", help="an OUT/hf folder")
     p.add_argument("--int8", action="store_true", required=True)
@@ -166,14 +182,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
              "arch": "train", "preset": "train", "seq_len": "train", "batch_size": "train", "accumulate": "train",
              "max_steps": "train", "max_tokens": "train", "lr": "train", "precision": "train", "devices": "train",
              "nodes": "train", "strategy": "train", "accelerator": "train", "compile": "train",
-             "activation_checkpointing": "train", "method": "finetune", "base": "finetune"}
-    if args.command in ("plan", "generate", "quantize"):
+             "activation_checkpointing": "train", "method": "finetune", "base": "finetune", "eval_data": "eval"}
+    if args.command in ("plan", "generate", "quantize", "eval"):
         flags = {}                       # their flags are their own, not configuration fields
     out = list(args.set)
     for name, section in flags.items():
         v = getattr(args, name, None)
         if v not in (None, False):
-            field = "model_path" if name.endswith("_model_path") else "method" if name == "quality_method" else name
+            field = "model_path" if name.endswith("_model_path") else "method" if name == "quality_method" \
+                else "data" if name == "eval_data" else name
             out.append(f"{section}.{field}={json.dumps(v)}")
     return out
 
@@ -195,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         serve = runpy.run_path(str(Path(__file__).resolve().parent.parent / "deployments" / "serve.py"))
         serve["main"]((["--config", args.config] if args.config else []) + [x for v in args.set for x in ("--set", v)])
         return 0
-    if args.command in ("plan", "generate", "quantize"):
+    if args.command in ("plan", "generate", "quantize", "eval"):
         from flows import model_tools
 
         try:

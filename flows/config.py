@@ -212,6 +212,15 @@ class BiasConfig(_Model):
     min_mentions: int = Field(5, ge=1, description="groups with fewer mentions are reported, not flagged")
 
 
+class DecontaminateConfig(_Model):
+    """Remove crawl documents that share a word n-gram with an evaluation set (GPT-3, DataTrove)."""
+    paths: list[str] = Field(default_factory=list,
+                             description="evaluation sets (.txt / .jsonl / .parquet files, folders, shard folders) "
+                                         "to protect; empty: the stage is off")
+    ngram: int = Field(13, ge=1, description="a document sharing any n consecutive words (lowercased \\w+ "
+                                             "words) with an evaluation text is removed (GPT-3: 13)")
+
+
 class CurateConfig(_Model):
     """Token counts everywhere in curation are words (`\\w+`, as `n_words` in extraction)."""
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
@@ -221,6 +230,7 @@ class CurateConfig(_Model):
     toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     bias: BiasConfig = Field(default_factory=BiasConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
 
 
 class ShardConfig(_Model):
@@ -287,6 +297,18 @@ class FinetuneConfig(_Model):
     prompt_tokens: int = Field(20, ge=1, le=1000, description="virtual tokens of prompt tuning")
 
 
+class EvalConfig(_Model):
+    """The eval stage after every training run, and `refinery eval`'s scoring (models/evaluate.py)."""
+    enabled: bool = Field(True, description="score the trained model (and a fine-tune's base) in bits per byte")
+    data: list[str] = Field(default_factory=list, description="held-out sets scored besides the val shard: .txt, "
+                                                              ".jsonl, Parquet files or folders, shard folders")
+    context: int = Field(1024, ge=8, description="tokens per scoring window (non-overlapping)")
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    max_documents: int | None = Field(500, ge=1, description="score at most the first N documents of each set "
+                                                             "(null: all); keeps the stage minutes on a CPU")
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N")
+
+
 class ServeConfig(_Model):
     """`refinery serve`: the deployments one process serves (deployments/serve.py)."""
     crawl_cron: str | None = Field("0 3 * * *", description="cron (UTC) of the scheduled crawl; null: no schedule")
@@ -320,6 +342,7 @@ class RefineryConfig(_Model):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -236,6 +236,9 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
         elif state.name == "Cached":
             log.info("train: served from cache")
     report(out, result, plan)
+    from flows.eval_stage import eval_stage
+    if (evaluation := eval_stage(out, result, shards_dir, config)) is not None:
+        result["eval"] = evaluation
     log.info("trained %s: %d steps, val loss %s, export %s", result["arch"], result["steps"], result["val_loss"],
              result.get("export"))
     return result

@@ -166,3 +166,26 @@ def test_cli_writes_eval_json_and_refuses_what_it_cannot_score(export, texts, tm
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     assert main(["eval", "--model", str(path), "--data", str(tmp_path / "bad.jsonl"), "--no-progress"]) == 2
     assert 'bad.jsonl:1: no "text" string field' in capsys.readouterr().err
+
+
+def test_finetune_flow_ends_with_base_and_tuned_bits_per_byte(export, shards, texts, tmp_path, prefect_api):
+    from flows.config import RefineryConfig
+    from flows.train import finetune_flow
+
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]))
+    cfg = RefineryConfig.model_validate({
+        "train": {"seq_len": SEQ, "batch_size": 4, "max_steps": 6, "lr": 2e-2, "val_every": 6, "val_batches": 2,
+                  "checkpoint_every": 6, "accelerator": "cpu"},
+        "finetune": {"lora_r": 4}, "eval": {"data": [str(tmp_path / "held.jsonl")], "context": 64}})
+    result = finetune_flow(str(export[0]), str(shards), str(tmp_path / "run"), "lora", cfg)
+    rows = {r["dataset"]: r for r in result["eval"]["rows"]}
+    assert set(rows) == {"shards-val", "held"}
+    base = json.loads((tmp_path / "run" / "eval-base.json").read_text())
+    tuned = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for name, r in rows.items():
+        assert r["base_bits_per_byte"] == round(base["datasets"][name]["bits_per_byte"], 4)
+        assert r["bits_per_byte"] == round(tuned["datasets"][name]["bits_per_byte"], 4)
+        assert r["change_pct"] == pytest.approx(100 * (r["bits_per_byte"] / r["base_bits_per_byte"] - 1), abs=0.05)
+    # the base is scored as it was loaded for training, the tuned model from its merged export
+    assert base["model"] == str(export[0]) and tuned["model"].endswith("hf")
+    assert tuned["datasets"]["shards-val"]["bits_per_byte"] != base["datasets"]["shards-val"]["bits_per_byte"]

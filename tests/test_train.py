@@ -199,7 +199,10 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
     from flows.config import RefineryConfig
     from flows.train import train_flow
 
-    cfg = RefineryConfig.model_validate({"train": {**BASE, "max_steps": 12, "val_every": 6}})
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "The committee met on Tuesday and approved the budget for the new year."}) + "\n")
+    cfg = RefineryConfig.model_validate({"train": {**BASE, "max_steps": 12, "val_every": 6},
+                                         "eval": {"data": [str(held)], "context": 64}})
     state = train_flow(str(shards), str(tmp_path / "run"), cfg, return_state=True)
     assert state.is_completed(), state
     result = state.result()
@@ -211,13 +214,19 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
             arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["train-loss", "train-summary"])))
+                key=ArtifactFilterKey(any_=["train-loss", "train-summary", "eval"])))
             return {a.key: a for a in arts if a.flow_run_id == state.state_details.flow_run_id}
 
     import asyncio
     arts = asyncio.run(artifacts())
-    assert set(arts) == {"train-loss", "train-summary"}
+    assert set(arts) == {"train-loss", "train-summary", "eval"}
     assert "val_ppl" in arts["train-summary"].data and "tokens_per_param" in arts["train-summary"].data
+    # the eval stage: bits per byte on the val shard and the extra set, as an artifact and eval.json
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(evaluation["datasets"]) == {"shards-val", "held"}
+    assert all(0.5 < d["bits_per_byte"] < 10 for d in evaluation["datasets"].values())
+    rows = json.loads(arts["eval"].data)
+    assert {r["dataset"] for r in rows} == {"shards-val", "held"} and result["eval"]["rows"] == rows
 
     # unchanged shards, config and code: the second run is served from cache, no new training
     mtime = (tmp_path / "run" / "result.json").stat().st_mtime
