@@ -166,6 +166,10 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
     cfg, runner = config.curate, config.runner
     opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
+    eval_paths = [Path(e).expanduser() for e in cfg.decontaminate.paths]
+    for e in eval_paths:   # fail fast, before extraction or any shard task
+        if not e.exists():
+            raise ValueError(f"curate.decontaminate.paths: {e}: no such file or folder (an evaluation set)")
     docs, raw = docs_inputs(inputs)
     extract = None
     if raw:
@@ -178,8 +182,10 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     names = {p: f"{p.stem}-{shas[p][:8]}" for p in docs}
     log.info("curate: %d shards", len(docs))
 
-    # phase 1: filter (map) + dedup (reduce)
-    filtered = map_shards(filter_task, [(str(p), shas[p], str(out), names[p], cfg) for p in docs],
+    # phase 1: filter (map) + dedup (reduce); the evaluation sets' content is part of its cache key
+    eval_sha = _combine(*[input_fingerprint(e) for e in eval_paths]) if eval_paths else ""
+    filtered = map_shards(filter_task, [(str(p), _combine(shas[p], eval_sha) if eval_sha else shas[p], str(out),
+                                         names[p], cfg) for p in docs],
                           on_result=progress.phase("curate-filter-progress", "curate: filter + signatures"), **opts)
     sig_files = [str(out / "work" / "signatures" / f"{names[p]}.parquet") for p in docs]
     sig_sha = _combine(*[file_sha256(s) for s in sig_files])
@@ -229,7 +235,7 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
         for p, sp in zip(docs, scored_paths)],
         on_result=progress.phase("curate-select-progress", "curate: select"), **opts)
 
-    funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.STAGES),
+    funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.stages(cfg)),
                           extracted_docs, extracted_tokens, threshold)
     funnel["models"] = {"quality": qmodel, "toxicity": tmodel}
     funnel["warnings"] += model_warnings(funnel, cfg.quality.min_holdout_auc, cfg.toxicity.warn_removal)

@@ -2,15 +2,16 @@
 
 The flow (flows/curate.py) runs them in three map phases around two global reduces:
 
-    filter  (per shard)  language ID -> Gopher repetition -> Gopher quality -> C4 -> FineWeb,
-                         + dedup signatures                                      -> reduce: dedup clusters
+    filter  (per shard)  language ID -> Gopher repetition -> Gopher quality -> C4 -> FineWeb
+                         [-> decontaminate], + dedup signatures                  -> reduce: dedup clusters
     score   (per shard)  drop duplicates -> mask PII -> toxicity (model + word list) -> quality score
                                                                                  -> reduce: quality threshold
     select  (per shard)  keep quality_score >= threshold; write docs/ and rejected/
 
 Every phase writes Parquet and a stats dict: per stage, documents and tokens in and out
 and drops by reason. Tokens are words (`\\w+`, `tasks.extract.count_words`) everywhere,
-the same count extraction reports as `n_words`.
+the same count extraction reports as `n_words`. The decontaminate stage (evaluation-set n-grams,
+tasks/decontaminate.py) is in the funnel only when `curate.decontaminate.paths` names sets.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from flows.config import CurateConfig
 from tasks.extract import count_words
 from tasks.io import write_parquet_atomic
 
-FILTER_STAGES = ["langid", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+RULE_STAGES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
+FILTER_STAGES = ["langid", *RULE_STAGES, "decontaminate"]
 SCORE_STAGES = ["dedup", "pii", "toxicity"]
-STAGES = FILTER_STAGES + SCORE_STAGES + ["quality"]
+STAGES = FILTER_STAGES + SCORE_STAGES + ["quality"]   # every stage there is; stages(cfg): those a run has
 
 HIST_BINS = 50  # toxicity share histogram over [0, 1], summed across shards for the funnel's plot
 REJECT_COLUMNS = ["id", "url", "domain", "source", "stage", "reason", "detail", "n_words", "groups", "text"]
@@ -68,6 +70,16 @@ def reject_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def filter_stages(cfg: CurateConfig) -> list[str]:
+    """The filter phase's stages for this config: decontaminate only when it has evaluation sets."""
+    return [s for s in FILTER_STAGES if s != "decontaminate" or cfg.decontaminate.paths]
+
+
+def stages(cfg: CurateConfig) -> list[str]:
+    """The funnel's stages, in pipeline order, for this config."""
+    return filter_stages(cfg) + SCORE_STAGES + ["quality"]
+
+
 def _groups(texts: list[str], cfg: CurateConfig) -> list[list[str]]:
     from tasks.bias import mentions
 
@@ -78,13 +90,20 @@ def _groups(texts: list[str], cfg: CurateConfig) -> list[list[str]]:
 # ---- phase 1: filter ----------------------------------------------------------------------
 
 def filter_shard(docs_path: str, shard: str, work: Path, cfg: CurateConfig) -> dict:
-    """Language ID and heuristic rules; survivors get dedup signatures."""
+    """Language ID, heuristic rules and (when configured) evaluation-set decontamination; survivors
+    get dedup signatures."""
     from tasks.dedup import signatures
     from tasks.langid import identify, keep_language
     from tasks.rules import apply_rules
 
     docs = pq.read_table(docs_path).to_pylist()
-    stats = new_stats(FILTER_STAGES)
+    stats = new_stats(filter_stages(cfg))
+    decon = None
+    if cfg.decontaminate.paths:
+        from tasks.decontaminate import load_index
+
+        decon = load_index(cfg.decontaminate.paths, cfg.decontaminate.ngram)   # once per process
+        eval_reason = f"eval {cfg.decontaminate.ngram}-gram"
     texts = [d["text"] for d in docs]
     groups = _groups(texts, cfg)
     langs = identify(texts, cfg.langid)
@@ -106,7 +125,7 @@ def filter_shard(docs_path: str, shard: str, work: Path, cfg: CurateConfig) -> d
         edited = count_words(text)
         # one pass of the rules, booked stage by stage so each family's funnel row is exact:
         # C4 edits lines, so its output and FineWeb's input are the edited text's words
-        for stage in FILTER_STAGES[1:]:
+        for stage in RULE_STAGES:
             w_in = edited if stage == "fineweb" else words
             if family == stage:
                 _pass(stats, stage, w_in, 0, False)
@@ -115,6 +134,13 @@ def filter_shard(docs_path: str, shard: str, work: Path, cfg: CurateConfig) -> d
                 break
             _pass(stats, stage, w_in, edited if stage in ("c4", "fineweb") else words, True)
         else:
+            if decon is not None:   # the text as kept (C4-edited) against the evaluation sets
+                hit, eval_detail = decon.contaminated(text)
+                _pass(stats, "decontaminate", edited, edited, not hit)
+                if hit:
+                    _drop(stats, "decontaminate", eval_reason, edited)
+                    rejected.append(_reject_row(d, "decontaminate", eval_reason, eval_detail, edited))
+                    continue
             d["text"], d["n_words"], d["n_chars"] = text, edited, len(text)
             kept.append(d)
     table = pa.Table.from_pylist(kept) if kept else pa.Table.from_pylist([], schema=_kept_schema(docs_path))

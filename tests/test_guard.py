@@ -38,6 +38,9 @@ def test_the_bundled_sample_is_readable_not_writable_and_config_paths_are_checke
                                           "curate": {"quality": {"reference": [str(roots), "/home"]}}})
     with pytest.raises(PathNotAllowed, match=r"config\.(finetune\.base|curate\.quality\.reference)"):
         confine(config=evil)
+    for section in ({"eval": {"data": ["/etc/passwd"]}}, {"curate": {"decontaminate": {"paths": ["/etc/passwd"]}}}):
+        with pytest.raises(PathNotAllowed, match=r"config\.(eval\.data|curate\.decontaminate\.paths)"):
+            confine(config=RefineryConfig.model_validate(section))
 
 
 def test_every_path_like_config_field_is_covered():
