@@ -158,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=20, help="validation batches for the perplexity")
     _common(p)
 
+    p = sub.add_parser("ablate", help="train equal-token proxy models on curation variants of one crawl and "
+                                      "compare their bits per byte on a held-out clean set")
+    p.add_argument("inputs", nargs="*", help="WARC files or folders (default: the bundled sample)")
+    p.add_argument("--out", default="runs/ablate")
+    p.add_argument("--heldout", help="held-out clean text (.txt, .jsonl, Parquet); default: the bundled background "
+                                     "corpus (sample/curation/background)")
+    p.add_argument("--variants", nargs="+", help="none rules rules+dedup full-10 full-2 (default: all; full-N keeps N%%)")
+    p.add_argument("--max-steps", type=int, dest="max_steps", help="steps per proxy model (default 200)")
+    p.add_argument("--preset", help="proxy model size: tiny, small, 25m, 125m, 350m, 1b")
+    p.add_argument("--seq-len", type=int, dest="seq_len")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"])
+    _common(p)
+
     p = sub.add_parser("run", help="the end-to-end job (bundled real sample by default)")
     p.add_argument("--out", default="runs/sample")
     p.add_argument("--inputs", nargs="*", help="WARC files or folders instead of the bundled sample")
@@ -280,6 +294,10 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
         return {"out": args.out, "tokenizer": manifest["tokenizer"]["vocab_size"],
                 "splits": {s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()},
                 "compression": manifest["tokenizer_report"]["held_out"]["ours"]["chars_per_token"]}
+    if args.command == "ablate":
+        from flows.ablate import ablate_flow
+
+        return with_concurrency(ablate_flow, cfg)(args.inputs or None, args.out, cfg, args.heldout, args.variants)
     return with_concurrency(run_flow, cfg)(args.out, args.inputs, not args.no_crawl_demo, cfg)
 
 

@@ -166,6 +166,8 @@ class QualityConfig(_Model):
 
 
 class ToxicityConfig(_Model):
+    enabled: bool = Field(True, description="drop toxic documents (off: every document passes with score 0; "
+                                            "`refinery ablate` turns it off for its rules-only variants)")
     model_path: str | None = None
     training_data: str = Field(str(SAMPLE / "curation" / "toxicity" / "labeled_data.csv"),
                                description="CSV/JSONL with a text column and a label column")

@@ -179,6 +179,21 @@ def count_windows(lm: Loaded, texts: list[str], context: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # the whole evaluation
 
+# learned absolute position embeddings: a window longer than the table is an index error, not a score
+_ABSOLUTE_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"}
+
+
+def usable_context(lm: Loaded, context: int) -> int:
+    """`context`, capped at the position table of models that have one (rotary models are not capped:
+    scoring past their training length is allowed, and worse, as a direct computation would be)."""
+    cfg = lm.model.config
+    if cfg.model_type in _ABSOLUTE_POSITIONS:
+        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if limit:
+            return min(context, int(limit) - lm.prompt_tokens)
+    return context
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,6 +223,7 @@ def evaluate(model: str | Path, data: list[str | Path], context: int = 1024, bat
     t0 = time.time()
     lm = lm or load_model(model, base=base, device=pick_device(device))
     load_s = time.time() - t0
+    context = usable_context(lm, context)
     out = {"model": lm.name, "context": context, "batch_size": batch_size,
            "device": str(next(lm.model.parameters()).device), "datasets": {}}
     for name, s in zip(unique_names(sets), sets):

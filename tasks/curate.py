@@ -191,7 +191,13 @@ def score_shard(shard: str, work: Path, drops_path: str, quality_model: str, tox
                  pii_phone=counts.get("phone", 0), pii_ip=counts.get("ip", 0))
         docs.append(d)
     texts = [d["text"] for d in docs]
-    tox_cols, reasons, details = judge(toxicity_model, texts, cfg.toxicity, cfg.bias.groups_file)
+    if cfg.toxicity.enabled:
+        tox_cols, reasons, details = judge(toxicity_model, texts, cfg.toxicity, cfg.bias.groups_file)
+    else:
+        from tasks.toxicity import COLUMNS
+
+        tox_cols = {c: np.zeros(len(texts)) for c in COLUMNS}
+        reasons, details = [None] * len(texts), [""] * len(texts)
     qual = score_crawl(quality_model, texts, [d["id"] for d in docs], quality_folds or []) if docs else np.zeros(0)
     stats["toxicity"]["histogram"] = np.histogram(tox_cols["toxicity_share"], bins=HIST_BINS, range=(0, 1))[0].tolist()
     scored = []

@@ -189,3 +189,21 @@ def test_finetune_flow_ends_with_base_and_tuned_bits_per_byte(export, shards, te
     # the base is scored as it was loaded for training, the tuned model from its merged export
     assert base["model"] == str(export[0]) and tuned["model"].endswith("hf")
     assert tuned["datasets"]["shards-val"]["bits_per_byte"] != base["datasets"]["shards-val"]["bits_per_byte"]
+
+
+def test_a_learned_position_table_caps_the_window(export, texts, tmp_path):
+    """GPT-2-style models index a position table: a longer window would be an IndexError, not a score."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.evaluate import evaluate
+
+    path, _, dm = export
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=dm.vocab_size, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                      bos_token_id=dm.eos_id, eos_token_id=dm.eos_id))
+    gpt2.save_pretrained(str(tmp_path / "gpt2"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(path / f, tmp_path / "gpt2" / f)
+    (tmp_path / "set.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n")
+    result = evaluate(tmp_path / "gpt2", [tmp_path / "set.jsonl"], context=1024, show_progress=False)
+    assert result["context"] == 32 and result["datasets"]["set"]["tokens"] > 32
