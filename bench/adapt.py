@@ -13,7 +13,7 @@ What runs is the project's own path, nothing bench-only:
 
 The eval stage scores the base and the merged model on both test sets (bits per byte); this script
 reads eval.json / eval-base.json and prints the change against the targets (domain at least 15%
-lower, general at most 3% higher). Results: bench/out/adapt-DOMAIN.json.
+lower, general at most 3% higher). Results: bench/out/adapt-DOMAIN.json (OUT.json for --out OUT).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ SHARED = ROOT.parent / "shared" / "data" / "domains"
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]  # not splitlines: U+2028 sits inside strings
 
 
 def split(docs: list[dict], n_test: int) -> tuple[list[dict], list[dict]]:
@@ -117,7 +117,7 @@ def main() -> None:
               "val_loss_curve": [(r["step"], round(r["val_loss"], 4)) for r in curve],
               "train_wall_s": result.get("wall_s"), "shard_s": round(t_shard, 1), "total_wall_s": round(wall, 1),
               "results": rows}
-    (out.parent / f"adapt-{a.domain}.json").write_text(json.dumps(report, indent=2))
+    (out.parent / f"{out.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     for name, r in rows.items():
         print(f"{name:>22}: {r['base_bpb']:.4f} -> {r['tuned_bpb']:.4f} bits/byte ({r['change_pct']:+.2f}%, "
