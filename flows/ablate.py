@@ -14,7 +14,9 @@ Variants (names on the command line):
     full-2      the whole curation, keeping 2%
 
 Equal compute: every variant trains `train.max_steps` steps of the same batch, so a variant with
-few kept tokens repeats them (the table shows the epochs) - the trade DCLM measures. The held-out
+few kept tokens repeats them (the table shows the epochs) - the trade DCLM measures. Known gap: a
+variant with fewer tokens than one batch trains on short batches (the loader does not pack repeated
+epochs into a batch), so its tokens seen are fewer; the report's `equal_tokens` and a warning say so. The held-out
 set is checked against the crawl for shared 13-grams and the count is reported: a held-out text
 that leaked into the crawl would flatter the variants that keep it. Scale: the model, steps and
 device are the config's `train` section (a GPU and a larger preset for a real crawl).
@@ -33,6 +35,7 @@ from flows.extract import run_extract
 from flows.guard import confine
 from flows.shard import run_shard
 from flows.train import run_train
+from tasks.eval_data import set_name
 from tasks.io import atomic_path, write_text_atomic
 
 VARIANTS = ("none", "rules", "rules+dedup", "full-10", "full-2")
@@ -101,7 +104,7 @@ def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", c
         tokenizer = tokenizer or str(vdir / "shard" / "tokenizer")
         result = run_train(str(vdir / "shard"), str(vdir / "train"), scfg)
         score = json.loads((vdir / "train" / "eval.json").read_text())["datasets"]
-        held = score[Path(heldout).stem if Path(heldout).is_file() else Path(heldout).name]
+        held = score[set_name(heldout)]
         unique = manifest["splits"]["train"]["tokens"]
         rows.append({"variant": name, "docs": manifest["splits"]["train"]["docs"], "words": kept_words
                      if kept_words is not None else extracted_words, "train_tokens": unique,
@@ -109,21 +112,32 @@ def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", c
                      "heldout_bits_per_byte": round(held["bits_per_byte"], 4), "final_train_loss": result["final_loss"]})
         log.info("ablate %s: %d docs, %d tokens (%.1f epochs) -> %.4f bits/byte on the held-out set", name,
                  rows[-1]["docs"], unique, rows[-1]["epochs"], held["bits_per_byte"])
+    # a variant with fewer tokens than a batch gets short batches (models/data.py does not pack
+    # repeated epochs into one batch): say so rather than present unequal runs as equal
+    equal = len({r["tokens_seen"] for r in rows}) == 1
+    if not equal:
+        log.warning("ablate: training tokens differ between variants (%s): the smallest variants have fewer "
+                    "tokens than one batch; compare them with care",
+                    ", ".join(f"{r['variant']} {r['tokens_seen']:,}" for r in rows))
     report = {"heldout": heldout, "heldout_overlap_docs": leaks, "steps": proxy.train.max_steps,
+              "equal_tokens": equal,
               "tokens_per_step": proxy.train.batch_size * proxy.train.seq_len * proxy.train.accumulate,
               "preset": proxy.train.preset, "seed": proxy.train.seed, "variants": rows}
     write_text_atomic(json.dumps(report, indent=2), out / "ablate.json")
     png = plot(rows, out / "ablate.png")
-    create_table_artifact(key="ablate", table=rows, description="Curation variants: equal-token proxy models, "
-                                                                "bits per byte on the held-out set")
+    create_table_artifact(key="ablate", table=rows, description="Curation variants: proxy models of equal steps"
+                          + ("" if equal else " (NOT equal tokens: see tokens_seen)") + ", bits per byte on the held-out set")
     best = min(rows, key=lambda r: r["heldout_bits_per_byte"])
     create_markdown_artifact(key="ablate-summary", markdown="\n".join([
         f"# Curation ablation `{out}`", "",
         f"{len(rows)} variants, each a `{proxy.train.preset}` model trained {proxy.train.max_steps} steps x "
         f"{report['tokens_per_step']:,} tokens, seed {proxy.train.seed}; held-out set `{heldout}` "
-        f"({leaks} crawl documents share a 13-gram with it).", "",
-        "| variant | docs | train tokens | epochs | held-out bits/byte |", "|---|---:|---:|---:|---:|"] +
-        [f"| {r['variant']} | {r['docs']:,} | {r['train_tokens']:,} | {r['epochs']} | {r['heldout_bits_per_byte']:.4f} |"
+        f"({leaks} crawl documents share a 13-gram with it)."
+        + ("" if equal else " **Training tokens differ between variants** (a variant smaller than one batch "
+                            "trains on short batches): see tokens seen."), "",
+        "| variant | docs | train tokens | tokens seen | epochs | held-out bits/byte |", "|---|---:|---:|---:|---:|---:|"] +
+        [f"| {r['variant']} | {r['docs']:,} | {r['train_tokens']:,} | {r['tokens_seen']:,} | {r['epochs']} | "
+         f"{r['heldout_bits_per_byte']:.4f} |"
          for r in rows] + ["", f"Best: **{best['variant']}**. Plot: `{png}`"]))
     return report
 

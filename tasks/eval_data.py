@@ -36,15 +36,23 @@ class EvalDataError(ValueError):
     """An evaluation path that cannot be read as documents; the message names it."""
 
 
+def set_name(path: str | Path) -> str:
+    """eval.json's key for a set: the file or folder stem (SHARDS-val for a shard folder's split)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and p.name in ("train", "val") and (p.parent / "manifest.json").is_file():
+        return f"{p.parent.name}-{p.name}"
+    return p.stem if p.is_file() else p.name
+
+
 def load_eval_set(path: str | Path) -> EvalSet:
     p = Path(path).expanduser()
     if not p.exists():
         raise EvalDataError(f"{p}: no such file or folder (an evaluation set)")
-    name = p.stem if p.is_file() else p.name
+    name = set_name(p)
     if p.is_dir() and (p / "manifest.json").is_file():
         return EvalSet(name, str(p), _shard_texts(p, None), "shards")
     if p.is_dir() and p.name in ("train", "val") and (p.parent / "manifest.json").is_file():
-        return EvalSet(f"{p.parent.name}-{p.name}", str(p), _shard_texts(p.parent, p.name), "shards")
+        return EvalSet(name, str(p), _shard_texts(p.parent, p.name), "shards")
     if p.is_file():
         return EvalSet(name, str(p), _file_texts(p), p.suffix.lstrip(".").lower())
     files = sorted(f for f in p.rglob("*.parquet") if f.is_file() and not f.name.startswith("."))
