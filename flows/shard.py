@@ -19,6 +19,7 @@ from flows import faults, progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import RefineryConfig, ShardConfig
 from flows.guard import confine
+from flows.retry import retry_options
 from tasks import shard as steps
 from tasks.io import exclusive_dir, file_sha256, write_text_atomic
 from tasks.shard_format import FORMAT, SPLITS
@@ -60,7 +61,7 @@ def run_shard(input_dir: str, out_dir: str, config: RefineryConfig) -> dict:
 def _shard(input_dir: str, out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
     cfg, runner = config.shard, config.runner
-    opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
+    opts = retry_options(runner)
     docs = curated_docs(input_dir)
     shas = {p: file_sha256(p) for p in docs}
     paths = [str(p) for p in docs]
@@ -94,6 +95,7 @@ def build_manifest(out: Path, docs: list[Path], shas: dict, tok: dict, done: lis
     return {
         "format": FORMAT,
         "tokenizer": {"dir": tok["dir"], "sha256": tok["sha256"], "vocab_size": vocab, "trained": tok["trained"],
+                      "name": tok["name"], "fingerprint": tok["fingerprint"],
                       "dtype": "uint16" if vocab <= 1 << 16 else "uint32", "special_ids": tok["special_ids"],
                       "sentinel_ids": tok["sentinel_ids"]},
         "source": {"inputs": [{"path": str(p.resolve()), "sha256": shas[p]} for p in docs]},

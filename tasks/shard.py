@@ -58,19 +58,19 @@ def build_tokenizer(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: P
         if cfg.tokenizer_path:
             hf = tk.load_user_tokenizer(cfg.tokenizer_path)
             hf.save_pretrained(str(staged))
-            trained = False
+            trained, name = False, Path(cfg.tokenizer_path).name
         else:
             tok = tk.train_bpe(iter_texts(doc_paths, cfg, cut, "train"), cfg.vocab_size, cfg.min_frequency,
                                cfg.sentinels)
             tk.save_hf(tok, staged, cfg.sentinels)
-            trained = True
+            trained, name = True, "the refinery BPE trained on the curated text"
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
     hf = tk.load_user_tokenizer(final)
     ids, sentinels = tk.special_ids(hf)
     return {"dir": "tokenizer", "trained": trained, "vocab_size": len(hf), "special_ids": ids,
-            "sentinel_ids": sentinels}
+            "sentinel_ids": sentinels, "name": name, "fingerprint": tk.fingerprint(hf)}
 
 
 def tokenizer_report(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: Path, max_texts: int = 2000) -> dict:

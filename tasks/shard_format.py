@@ -8,6 +8,7 @@
 manifest.json:
     {"format": "refinery-shards/1",
      "tokenizer": {"dir": "tokenizer", "sha256": <of tokenizer.json>, "vocab_size": int, "dtype": "uint16",
+                   "name": str, "fingerprint": <sha256 of vocabulary + merges: tasks.tokenizer.fingerprint>,
                    "special_ids": {"eos": int, "pad": int, "mask": int}, "sentinel_ids": [int, ...]},
      "source": {"inputs": [str, ...], "sha256": str}, "config": {...},
      "splits": {"train": {"docs": int, "tokens": int, "files": [

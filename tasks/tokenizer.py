@@ -63,6 +63,28 @@ def load_user_tokenizer(path: str | Path):
     raise FileNotFoundError(f"{p}: not a tokenizer.json nor a tokenizer folder")
 
 
+def fingerprint(hf) -> str:
+    """The identity of a tokenizer: sha256 of its vocabulary, merges and added tokens (not of a file:
+    the same tokenizer read from a .gguf, a tokenizer.json or a saved folder gets the same hash, so
+    shards and a base model can be compared wherever each came from)."""
+    import hashlib
+    import json
+
+    backend = getattr(hf, "backend_tokenizer", hf)
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    if vocab is None:                   # a model without a vocab field (never seen): the whole spec
+        vocab = {"spec": spec}
+    if isinstance(vocab, list):         # Unigram: [[piece, score], ...]
+        vocab = [[v[0], round(float(v[1]), 6)] for v in vocab]
+    blob = json.dumps({"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def special_ids(hf) -> tuple[dict, list[int]]:
     """(eos/pad/mask ids, sentinel ids) of a transformers tokenizer; a user's tokenizer may lack
     some (a GPT-style one has no mask nor sentinels: then MLM / span corruption are unavailable)."""
