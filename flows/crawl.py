@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import progress
 from flows.config import CrawlConfig, RefineryConfig
 from flows.guard import confine
+from flows.retry import retry_options
 from tasks.fetch import crawl
 
 
@@ -32,7 +33,7 @@ def crawl_task(seeds: list[str], out_dir: str, config: CrawlConfig) -> dict:
 
 
 def run_crawl(seeds: list[str], out_dir: str, config: RefineryConfig) -> dict:
-    t = crawl_task.with_options(retries=config.runner.task_retries, retry_delay_seconds=config.runner.retry_delay_s)
+    t = crawl_task.with_options(**retry_options(config.runner))
     summary = t(seeds, out_dir, config.crawl)
     log = Path(out_dir) / "crawl_log.parquet"
     if log.is_file():

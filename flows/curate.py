@@ -21,6 +21,7 @@ from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import CurateConfig, RefineryConfig
 from flows.guard import confine
 from flows.extract import run_extract
+from flows.retry import retry_options
 from tasks import curate as steps
 from tasks.extract import shard_inputs
 from tasks.funnel import build_funnel, funnel_table, merge_stats, model_warnings, plot_funnel, plot_scores
@@ -165,7 +166,7 @@ def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
 def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     log = get_run_logger()
     cfg, runner = config.curate, config.runner
-    opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s}
+    opts = retry_options(runner)
     eval_paths = [Path(e).expanduser() for e in cfg.decontaminate.paths]
     for e in eval_paths:   # fail fast, before extraction or any shard task
         if not e.exists():

@@ -15,6 +15,7 @@ from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from flows.config import ExtractConfig, RefineryConfig
 from flows.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
+from flows.retry import retry_options
 from tasks.extract import extract_shard, shard_inputs
 from tasks.io import exclusive_dir, write_text_atomic
 
@@ -56,8 +57,7 @@ def _extract(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
     for p in shards:
         sha = input_fingerprint(p)
         args.append((str(p), sha, str(out), shard_name(p, sha), config.extract))
-    results = map_shards(extract_shard_task, args, retries=runner.task_retries,
-                         retry_delay_seconds=runner.retry_delay_s,
+    results = map_shards(extract_shard_task, args, **retry_options(runner),
                          on_result=lambda i, n: update_progress_artifact(progress, 100.0 * i / n))
     summary = summarize(results)
     write_text_atomic(json.dumps(summary, indent=2), out / "extract_summary.json")
