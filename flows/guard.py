@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flows.config import PATH_FIELDS  # the config fields that name files a run reads
+
 ENV = "REFINERY_DATA_ROOTS"
 REPO = Path(__file__).resolve().parent.parent
 ALSO_READABLE = (REPO / "sample", REPO / "tasks" / "bias_groups.yaml")
-# config fields that name files or folders the run reads (checked wherever they occur in the config;
-# `paths`: curate.decontaminate.paths and `data`: eval.data, the evaluation sets)
-PATH_FIELDS = {"model_path", "reference", "training_data", "wordlist", "groups_file", "tokenizer_path",
-               "compare_tokenizer", "base", "background", "clean_data", "paths", "data"}
 
 
 class PathNotAllowed(PermissionError):

@@ -61,7 +61,7 @@ def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None,
             "shard": {"vocab_size": manifest["tokenizer"]["vocab_size"],
                       **{s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()}},
             "train": {k: trained.get(k) for k in ("arch", "preset", "params", "steps", "tokens_seen", "first_loss",
-                                                  "final_loss", "val_loss", "val_ppl", "export")}}
+                                                  "final_loss", "val_loss_start", "val_loss", "val_ppl", "export")}}
 
 
 run_flow = data_to_model  # `refinery run` is this flow

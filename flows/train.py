@@ -33,9 +33,10 @@ from prefect.context import get_run_context
 
 from flows import faults, progress
 from flows.caching import code_version
-from flows.config import RefineryConfig
+from flows.config import RefineryConfig, absolute_paths
 from flows.guard import confine
 from flows.redact import redact
+from flows.retry import PermanentError, retry_options
 from tasks.io import atomic_path, exclusive_dir, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,30 @@ def launch_command(spec_path: Path, devices: int, nodes: int) -> list[str]:
                          "-m models.train --config run.json` on every node (Slurm srun / a Kubernetes job); "
                          "the flow starts single-node runs only")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", *entry]
+
+
+class MetricsTail:
+    """The rows appended to metrics.jsonl since the last call (complete lines only)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def __call__(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1          # a line being written right now waits for the next call
+        self.offset += end
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return rows
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -132,6 +157,7 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
     spec_path = out / "run.json"
     write_text_atomic(json.dumps(spec, indent=2), spec_path)
     (out / "result.json").unlink(missing_ok=True)
+    (out / "error.json").unlink(missing_ok=True)
     t = spec["train"]
     cmd = launch_command(spec_path, t.get("devices", 1), t.get("nodes", 1))
     log.info("launching: %s", " ".join(cmd))
@@ -139,25 +165,39 @@ def train_task(spec: dict, shards_sha256: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not (k in _PREFECT_SECRETS or (k.startswith("PREFECT_") and "DATABASE" in k))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    update = progress.phase("train-progress", "train: steps")
+    env.setdefault("TQDM_DISABLE", "1")     # train.log holds the trainer's messages, not progress bars
+    shown = progress.TrainProgress("train-progress", spec.get("max_steps_hint"), t.get("progress_every_s", 30.0), log)
+    tail = MetricsTail(out / "metrics.jsonl")
     with open(out / "train.log", "ab") as logf:
         # this thread waits for the trainer, so tying the trainer to it ties it to the process
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                                 preexec_fn=faults.die_with_parent())
         while proc.poll() is None:
-            time.sleep(2)
-            steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-            if steps:
-                update(steps[-1]["step"], spec.get("max_steps_hint") or steps[-1]["step"])
+            time.sleep(1)
+            shown.rows(tail())
+    shown.rows(tail())
     if proc.returncode != 0 or not (out / "result.json").exists():
-        tail = (out / "train.log").read_text(errors="replace")[-3000:]
-        # a failed state's message is stored as written (log records are scrubbed, messages are not)
-        raise RuntimeError(redact(f"training exited with {proc.returncode}; last lines of {out / 'train.log'}:\n{tail}"))
+        raise training_error(out, proc.returncode)
     result = json.loads((out / "result.json").read_text())
-    update(result["steps"], result["steps"])
+    shown.done(result["steps"])
     result["outputs"] = [str(out / "result.json")] + ([str(Path(result["export"]) / "config.json")]
                                                        if isinstance(result.get("export"), str) else [])
     return result
+
+
+def training_error(out: Path, returncode: int) -> Exception:
+    """The trainer's failure as an exception: PermanentError (no retry: a missing file, a bad config,
+    mismatched tokenizers, no CUDA) when its error.json says so, else RuntimeError (retried)."""
+    try:
+        err = json.loads((out / "error.json").read_text())
+    except (OSError, ValueError):
+        err = None
+    if err and err.get("permanent"):
+        # one clear message; the traceback is in train.log (a failed state's message is stored as written:
+        # log records are scrubbed, messages are not)
+        return PermanentError(redact(f"{err['type']}: {err['message']} (details: {out / 'train.log'})"))
+    tail = (out / "train.log").read_text(errors="replace")[-3000:]
+    return RuntimeError(redact(f"training exited with {returncode}; last lines of {out / 'train.log'}:\n{tail}"))
 
 
 def loss_plot(out: Path, rows: list[dict]) -> Path | None:
@@ -193,9 +233,13 @@ def report(out: Path, result: dict, plan: dict | None) -> None:
     create_table_artifact(key="train-loss", table=curve[::stride] + ([curve[-1]] if curve[-1::stride] != curve[-1:] else []),
                           description="Training loss per optimizer step")
     fmt = lambda v: "-" if v is None else (f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
-    keys = ["arch", "preset", "params", "trainable_params", "steps", "tokens_seen", "tokens_per_param", "first_loss",
-            "final_loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "precision", "devices", "strategy", "wall_s"]
-    md = [f"# Training run `{out}`", "", "| | |", "|---|---|"] + [f"| {k} | {fmt(result.get(k))} |" for k in keys]
+    keys = ["model", "arch", "params", "trainable_params", "steps", "tokens_seen", "tokens_per_param", "first_loss",
+            "final_loss", "val_loss_start", "val_loss", "val_ppl_start", "val_ppl", "tokens_per_s", "mfu", "precision",
+            "devices", "strategy", "wall_s"]
+    k = result.get("loss_mean_steps")
+    md = [f"# Training run `{out}`", "", before_after(result), "", "| | |", "|---|---|"] + [
+        f"| {key}{f' (mean of {k} steps)' if k and key in ('first_loss', 'final_loss') else ''} | {fmt(result.get(key))} |"
+        for key in keys if key != "tokens_per_param" or result.get(key) is not None]
     if result.get("finetune"):
         ft = result["finetune"]
         md += ["", f"Fine-tuned `{ft['base']}` with **{ft['method']}**: {ft['trainable_params']:,} of "
@@ -205,6 +249,32 @@ def report(out: Path, result: dict, plan: dict | None) -> None:
     md += ["", f"Loss curve: `{png}`" if png else "", f"Export: `{result.get('export')}`",
            f"Checkpoint: `{result.get('checkpoint')}`"]
     create_markdown_artifact(key="train-summary", markdown="\n".join(md), description="Training run summary")
+
+
+def before_after(result: dict) -> str:
+    """One line: validation loss at step 0 (the base, or the untrained model) against the end."""
+    a, b = result.get("val_loss_start"), result.get("val_loss")
+    if a is None or b is None:
+        return f"Validation loss {b if b is not None else '-'} (no step-0 validation)"
+    who = f"the base ({result['model']})" if result.get("finetune") else "the untrained model"
+    return (f"Validation loss {a:.4f} for {who} -> {b:.4f} after {result['steps']:,} steps ({100 * (b - a) / a:+.1f}%; "
+            f"perplexity {result.get('val_ppl_start'):,.2f} -> {result.get('val_ppl'):,.2f})")
+
+
+def gpu_slot():
+    """One training run per device where a served setup created the global `refinery-gpu` limit;
+    elsewhere (e.g. `refinery run`) nothing, without Prefect's "limit does not exist" warning."""
+    from contextlib import nullcontext
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    except ObjectNotFound:
+        return nullcontext()
+    return concurrency(GPU_LIMIT, occupy=1, strict=False)
 
 
 def shards_fingerprint(shards_dir: str) -> str:
@@ -225,10 +295,9 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
     spec = {"data_dir": str(Path(shards_dir).resolve()), "out_dir": str(out.resolve()),
             "train": config.train.model_dump(mode="json"), "finetune": config.finetune.model_dump(mode="json"),
             "resume": resume, "max_steps_hint": plan.get("max_steps")}
-    opts = {"retries": config.runner.task_retries, "retry_delay_seconds": config.runner.retry_delay_s}
-    # one training run per device: served deployments create this global limit with one slot (without
-    # it, e.g. under `refinery run`, this is a no-op)
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+    opts = retry_options(config.runner)
+    # one training run per device: served deployments create this global limit with one slot
+    with gpu_slot():
         state = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir), return_state=True)
         result = state.result()
         if not all(Path(p).exists() for p in result.get("outputs", [])):
@@ -239,14 +308,14 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
     from flows.eval_stage import eval_stage
     if (evaluation := eval_stage(out, result, shards_dir, config)) is not None:
         result["eval"] = evaluation
-    log.info("trained %s: %d steps, val loss %s, export %s", result["arch"], result["steps"], result["val_loss"],
+    log.info("trained %s: %s; export %s", result.get("model", result["arch"]), before_after(result),
              result.get("export"))
     return result
 
 
 @flow(name="train", log_prints=True)
 def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> dict:
-    cfg = config or RefineryConfig()
+    cfg = absolute_paths(config or RefineryConfig())   # the trainer runs in another working directory
     confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)
     return run_train(shards_dir, out_dir, cfg, resume)
 
@@ -257,5 +326,6 @@ def finetune_flow(base: str, shards_dir: str, out_dir: str, method: Literal["ful
     """Fine-tune `base` (our export, a Hugging Face folder or a GGUF file) on shards made with its tokenizer."""
     cfg = config or RefineryConfig()
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"base": base, "method": method})})
+    cfg = absolute_paths(cfg)   # the trainer runs in another working directory
     confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)   # the config holds base
     return run_train(shards_dir, out_dir, cfg, resume)

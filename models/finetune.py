@@ -10,7 +10,9 @@
              qlora   LoRA over a 4-bit NF4 base (Dettmers et al. 2023): needs a CUDA GPU and bitsandbytes
     export   full    OUT/hf: the model + the shards' tokenizer
              lora    OUT/hf: the merged model (W + BA, a plain model any tool loads) + tokenizer;
-                     OUT/hf-adapter: the adapter alone (MBs), for the original base
+                     OUT/hf-adapter: the adapter alone (MBs) + tokenizer, whose config names the base
+                     by absolute path: the base folder itself, or, for a .gguf base, OUT/hf-base (its
+                     dequantized weights), so AutoPeftModelForCausalLM.from_pretrained(OUT/hf-adapter) works
              qlora   as lora, merged into the base reloaded in fp32 (not into its 4-bit copy, which
                      would bake the quantization error into the export)
              prompt  OUT/hf: the (unchanged) base + tokenizer; OUT/hf-adapter: the prompt. There is
@@ -20,8 +22,9 @@
                      (or AutoPeftModelForCausalLM.from_pretrained("OUT/hf-adapter"), whose config
                      names OUT/hf by absolute path)
 
-The base's tokenizer must also tokenize the fine-tuning text: `prepare_tokenizer(base, DIR)` writes
-it as a tokenizer folder, then `refinery shard --tokenizer DIR` makes shards in the base's ids.
+The base's tokenizer must also tokenize the fine-tuning text: `refinery shard --tokenizer BASE` makes
+shards in the base's ids (`prepare_tokenizer(base, DIR)` writes it as a folder), and
+`check_shards_tokenizer` refuses shards made with any other tokenizer before training starts.
 """
 from __future__ import annotations
 
@@ -107,6 +110,60 @@ def load_base(path: str | Path):
     return model, _load_tokenizer(folder, gguf)
 
 
+class TokenizerMismatch(ValueError):
+    """Shards tokenized with another tokenizer than the base model's: their ids mean other words."""
+
+
+class NeedsCUDA(RuntimeError):
+    """A method that runs only on a CUDA GPU, asked for on a machine without one."""
+
+
+def check_shards_tokenizer(shards_dir: str | Path, base: str | Path, base_tokenizer=None) -> str | None:
+    """Refuse shards whose tokenizer is not the base's (same vocabulary, merges and added tokens).
+    Ids from another tokenizer still index the embedding table, so nothing else would notice: the
+    run would train at loss ~10 and export a model paired with the wrong tokenizer. Returns the
+    shared fingerprint, or None when the base ships no tokenizer (nothing to compare with)."""
+    from tasks import tokenizer as tk
+    from tasks.shard_format import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    info = manifest["tokenizer"]
+    theirs = info.get("fingerprint") or tk.fingerprint(tk.load_user_tokenizer(Path(shards_dir) / info["dir"]))
+    if base_tokenizer is None:
+        folder, gguf = resolve_base(base)
+        _gguf_guard(gguf, folder)
+        base_tokenizer = _load_tokenizer(folder, gguf)
+        if base_tokenizer is None:
+            return None
+    ours = tk.fingerprint(base_tokenizer)
+    if ours == theirs:
+        return ours
+    inputs = manifest.get("source", {}).get("inputs") or []
+    src = str(Path(inputs[0]["path"]).parent) if inputs else "CURATED"
+    raise TokenizerMismatch(
+        f"{shards_dir}: the shards were tokenized with {info.get('name') or 'another tokenizer'} "
+        f"({info['vocab_size']:,} ids, fingerprint {theirs[:12]}), but the base {base} uses its own tokenizer "
+        f"({len(base_tokenizer):,} ids, fingerprint {ours[:12]}): its ids would mean other words. Make shards "
+        f"with the base's tokenizer:\n    refinery shard {src} --out SHARDS --tokenizer {base}")
+
+
+def base_identity(base: str | Path) -> dict:
+    """{"path", "sha256"} of a base: the hash covers its weight files (and config), so a LoRA or prompt
+    checkpoint, which holds only what training changed, resumes on exactly the base it was trained on."""
+    import hashlib
+
+    from tasks.io import file_sha256
+
+    folder, gguf = resolve_base(base)
+    files = [folder / gguf] if gguf else sorted(
+        f for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+                                                        or f.name == "config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\x1f{file_sha256(f)}\x1e".encode())
+    return {"path": str(Path(base).expanduser().resolve()), "sha256": h.hexdigest()}
+
+
 def _load_tokenizer(folder: Path, gguf: str | None):
     from transformers import AutoTokenizer
 
@@ -123,6 +180,9 @@ def _atomic_dir(dest: Path):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)       # mkdtemp's 0700 would hide an export from the other users of a machine
     try:
         yield tmp
         old = dest.parent / f".{dest.name}.old"
@@ -232,12 +292,12 @@ def _init_prompt_from_text(model, text: str, tokenizer, n: int) -> None:
 def _reload_4bit(model):
     """QLoRA's base: the same weights reloaded as NF4 with double quantization, bf16 compute."""
     if not torch.cuda.is_available():
-        raise RuntimeError("QLoRA needs a CUDA GPU and bitsandbytes (its 4-bit kernels are CUDA-only); "
+        raise NeedsCUDA("QLoRA needs a CUDA GPU and bitsandbytes (its 4-bit kernels are CUDA-only); "
                            "no CUDA device here: use method 'lora', which trains the same adapters on an fp32 base")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("QLoRA needs a CUDA GPU and bitsandbytes: pip install bitsandbytes "
+        raise ImportError("QLoRA needs a CUDA GPU and bitsandbytes: pip install bitsandbytes "
                            "(or use method 'lora', which needs neither)") from None
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -281,14 +341,15 @@ def export_finetuned(model, method: str, tokenizer_dir: str | Path | None, dest:
     elif _is_prompt(model):
         # the base first: the adapter's config names it, and peft reads it while saving
         _write_hf(model.get_base_model(), tokenizer_dir, dest)
-        _write_adapter(model, adapter_dest, str(dest.resolve()))
+        _write_adapter(model, adapter_dest, str(dest.resolve()), tokenizer_dir)
         out["adapter"] = str(adapter_dest)
         out["load"] = f"PeftModel.from_pretrained(AutoModel...from_pretrained('{dest}'), '{adapter_dest}')"
     else:
         # the adapter before merging (merge_and_unload folds it into the base, in place)
         base = getattr(model, "_refinery_base", None)
-        _write_adapter(model, adapter_dest, base)
-        out["adapter"] = str(adapter_dest)
+        loadable = _loadable_base(base, tokenizer_dir, dest.parent / f"{dest.name}-base")
+        _write_adapter(model, adapter_dest, loadable or base, tokenizer_dir)
+        out["adapter"], out["adapter_base"] = str(adapter_dest), loadable
         merged = _merge_into_fp32_base(model, base) if method == "qlora" else merge_for_export(model)
         _write_hf(merged, tokenizer_dir, dest)
         model = merged
@@ -305,11 +366,29 @@ def _write_hf(model, tokenizer_dir: str | Path | None, dest: Path) -> None:
                     shutil.copy2(f, tmp / f.name)
 
 
-def _write_adapter(model, dest: Path, base: str | None) -> None:
-    """adapter_config.json + adapter_model.safetensors; base_model_name_or_path says what to load it on."""
+def _loadable_base(base: str | None, tokenizer_dir, dest: Path) -> str | None:
+    """The base as a Hugging Face folder an adapter can name (peft's Auto classes load nothing else):
+    the base itself when it is one, else (a .gguf) its dequantized weights written to `dest`."""
+    if base is None:
+        return None
+    folder, gguf = resolve_base(base)
+    if gguf is None:
+        return str(folder.resolve())
+    fp32, _ = load_base(base)       # reloaded: the trained model's base has adapters wired into it
+    _write_hf(fp32, tokenizer_dir, dest)
+    return str(dest.resolve())
+
+
+def _write_adapter(model, dest: Path, base: str | None, tokenizer_dir=None) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ the tokenizer, so AutoTokenizer loads from
+    the same folder); base_model_name_or_path says what to load it on, by absolute path."""
     model.active_peft_config.base_model_name_or_path = base
     with _atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))
+        if tokenizer_dir is not None:
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
 
 
 def _merge_into_fp32_base(model, base: str | None):

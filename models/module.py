@@ -31,7 +31,7 @@ class LMModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, max_steps: int = 1000,
                  min_lr_ratio: float = 0.1, seq_len: int = 0, peak_flops: float | None = None,
                  activation_checkpointing: bool = False, fsdp: bool = False, nan_policy: str = "stop",
-                 compile: bool = False):
+                 compile: bool = False, base_identity: dict | None = None):
         super().__init__()
         self.model = model
         self.objective = objective
@@ -50,6 +50,10 @@ class LMModule(L.LightningModule):
         self.local_params = self.n_params
         self.tokens_seen = 0        # input tokens trained on, all ranks (saved in checkpoints)
         self.skipped_batches = 0
+        # a LoRA or prompt-tuning run checkpoints only what trains (MBs, not the frozen base's GBs) and
+        # names the base by path and hash, from which a resume rebuilds the rest
+        self.base_identity = base_identity
+        self.partial_checkpoints = base_identity is not None and self.n_trainable < self.n_params
         self._t_last: float | None = None
 
     # -- FSDP2: shard each block, then the root (ModelParallelStrategy calls this once per rank)
@@ -126,11 +130,27 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["refinery"] = {"tokens_seen": self.tokens_seen, "skipped_batches": self.skipped_batches}
+        if self.partial_checkpoints:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["refinery"]["base"] = self.base_identity
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("refinery", {})
         self.tokens_seen = state.get("tokens_seen", 0)
         self.skipped_batches = state.get("skipped_batches", 0)
+        if "base" in state:      # a partial checkpoint: the frozen weights come from the base, which must match
+            saved, ours = state["base"], self.base_identity or {}
+            if saved.get("sha256") != ours.get("sha256"):
+                raise ValueError(f"this checkpoint trained adapters on the base {saved.get('path')} "
+                                 f"(sha256 {str(saved.get('sha256'))[:12]}), not on {ours.get('path')} "
+                                 f"(sha256 {str(ours.get('sha256'))[:12]}): resume with that base, or start over")
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}): "
+                                 "it was made with other fine-tuning settings")
+            self.strict_loading = False     # the frozen rest stays as loaded from the base
 
 
 def blocks(model) -> list[torch.nn.Module]:

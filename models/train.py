@@ -5,13 +5,15 @@ device, which would re-enter a Prefect flow, so the flow writes run.json and lau
 (`torchrun ... -m models.train` for several devices or nodes, the same command under Slurm or a
 Kubernetes job). It reports through files in the run folder, which the flow reads back:
 
-    OUT/metrics.jsonl      one line per optimizer step (global mean loss, lr, tokens, tokens/s, MFU)
-                           and per validation (val loss, perplexity); appended, so a resume continues it
+    OUT/metrics.jsonl      one line per optimizer step (global mean loss, lr, tokens, tokens/s, MFU,
+                           training seconds so far) and per validation (val loss, perplexity; the first
+                           at step 0, before any update); appended, so a resume continues it
     OUT/checkpoints/       step=N.ckpt every `checkpoint_every` steps and last.ckpt (weights, optimizer,
                            scheduler, loop and data position): `resume` continues the same run exactly
     OUT/logs/metrics.csv   Lightning's CSV log; OUT/tb/ the TensorBoard log
     OUT/hf/                the Hugging Face export (model + tokenizer), when `export`
     OUT/result.json        written last by rank 0: the run summary
+    OUT/error.json         written instead when the run fails: the error and whether a retry could heal it
 """
 from __future__ import annotations
 
@@ -42,8 +44,9 @@ class MetricsFile(Callback):
     def __init__(self, path: Path):
         self.path = path
         self._losses: list[torch.Tensor] = []
-        self._t0: float | None = None
+        self._t0: float | None = None       # start of the current stretch of training (validation excluded)
         self._tokens0 = 0
+        self._train_s = 0.0                 # training seconds before that stretch (earlier stretches, attempts)
 
     def _write(self, trainer, row: dict) -> None:
         if trainer.is_global_zero:
@@ -56,6 +59,8 @@ class MetricsFile(Callback):
             # steps logged after the checkpoint by the run that died are redone: drop their rows
             rows = [r for r in self.path.read_text().splitlines() if json.loads(r)["step"] <= trainer.global_step]
             write_text_atomic("".join(r + "\n" for r in rows), self.path)
+            done = [json.loads(r) for r in rows]
+            self._train_s = max([r.get("elapsed_s", 0.0) for r in done if "loss" in r], default=0.0)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self._t0 is None:
@@ -75,7 +80,7 @@ class MetricsFile(Callback):
         tps = (module.tokens_seen - self._tokens0) / dt if dt > 0 else 0.0
         row = {"step": trainer.global_step, "loss": round(float(mean), 6),
                "lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens": module.tokens_seen,
-               "tokens_per_s": round(tps, 1), "elapsed_s": round(dt, 3)}
+               "tokens_per_s": round(tps, 1), "elapsed_s": round(self._train_s + dt, 3)}
         if module.peak_flops:
             row["mfu"] = round(tps * module.flops_per_token / (module.peak_flops * trainer.world_size), 4)
         self._write(trainer, row)
@@ -85,7 +90,9 @@ class MetricsFile(Callback):
         if val is not None and not trainer.sanity_checking:
             self._write(trainer, {"step": trainer.global_step, "val_loss": round(float(val), 6),
                                   "val_ppl": round(math.exp(min(float(val), 30.0)), 4)})
-        self._t0 = None              # throughput excludes validation
+        if self._t0 is not None:     # throughput and elapsed_s exclude validation
+            self._train_s += time.perf_counter() - self._t0
+        self._t0 = None
 
 
 class KillAt(Callback):
@@ -201,6 +208,11 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     per_step = cfg.batch_size * step * world * cfg.accumulate
     steps, _ = plan_steps(cfg, step, manifest["splits"]["train"]["tokens"], world)
     if ft is not None and ft.base:
+        from models import finetune
+
+        # before any process starts: a base that is not there, or shards in another tokenizer's ids
+        finetune.resolve_base(ft.base)
+        finetune.check_shards_tokenizer(shards_dir, ft.base)
         return {"summary": f"fine-tuning {ft.base} with {ft.method}: {steps} steps of {per_step:,} tokens",
                 "max_steps": steps}
     ids = tok["special_ids"]
@@ -229,14 +241,18 @@ def run(spec: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ft = FinetuneConfig(**spec.get("finetune") or {})
-    model, ft_report, arch = None, None, cfg.arch
+    model, ft_report, arch, base_identity = None, None, cfg.arch, None
     if ft.base:                          # fine-tuning: the base decides the architecture
         from models import finetune
         if cfg.strategy == "fsdp":
             raise ValueError("fine-tuning runs with ddp (or one device): LoRA and prompt tuning train ~1-2% of the "
                              "weights, the frozen base is replicated; set train.strategy=ddp")
-        model, _ = finetune.load_base(ft.base)
+        finetune.resolve_base(ft.base)   # a missing base fails here, before the shards are read
+        model, base_tok = finetune.load_base(ft.base)
+        # also here: the entry point may be launched without the flow
+        finetune.check_shards_tokenizer(data_dir, ft.base, base_tok)
         arch = arch_of(model.config)
+        base_identity = finetune.base_identity(ft.base)
     objective = OBJECTIVE[arch]
     dm = ShardDataModule(str(data_dir), seq_len=cfg.seq_len, batch_size=cfg.batch_size, objective=objective,
                          seed=cfg.seed, num_workers=cfg.num_workers)
@@ -252,7 +268,8 @@ def run(spec: dict) -> dict:
                              f"{config.vocab_size}: shard with the base's tokenizer (refinery shard --tokenizer)")
         model, ft_report = finetune.apply_method(model, ft.method, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha,
                                                  lora_dropout=ft.lora_dropout, lora_target=ft.lora_target,
-                                                 prompt_tokens=ft.prompt_tokens)
+                                                 prompt_tokens=ft.prompt_tokens,
+                                                 prompt_init_text=ft.prompt_init_text, tokenizer=base_tok)
     world = cfg.devices * cfg.nodes
     if not ft.base:
         preflight(str(data_dir), cfg)       # also here: the entry point may be launched without the flow
@@ -261,7 +278,8 @@ def run(spec: dict) -> dict:
     module = LMModule(model, objective, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio, seq_len=cfg.seq_len,
                       peak_flops=detect_peak_flops(cfg), activation_checkpointing=cfg.activation_checkpointing,
-                      fsdp=cfg.strategy == "fsdp", nan_policy=cfg.nan_policy, compile=cfg.compile)
+                      fsdp=cfg.strategy == "fsdp", nan_policy=cfg.nan_policy, compile=cfg.compile,
+                      base_identity=base_identity)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = bool(spec.get("resume")) and last.exists()
@@ -282,10 +300,14 @@ def run(spec: dict) -> dict:
         enable_progress_bar=bool(spec.get("progress_bar", False)), enable_model_summary=False,
         default_root_dir=str(out))
     t0 = time.time()
+    has_val = dm.manifest["splits"]["val"]["tokens"] > 0
+    if has_val and not resume:
+        # step 0, before any update: the base (or the untrained model) on the same validation batches,
+        # so the summary shows what training gained, not only where it ended
+        trainer.validate(module, datamodule=dm, verbose=False)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
     wall = time.time() - t0
     # validation once more at the end (every rank takes part) so the summary has the final perplexity
-    has_val = dm.manifest["splits"]["val"]["tokens"] > 0
     val = (trainer.validate(module, datamodule=dm, verbose=False) or [{}])[0] if has_val else {}
     release_process_group()
     if not trainer.is_global_zero:
@@ -293,7 +315,10 @@ def run(spec: dict) -> dict:
     result = summarize(metrics_path, module, cfg, config, max_steps, wall, val)
     result["arch"] = arch
     if ft_report:
-        result["finetune"] = {**ft_report, "base": ft.base}
+        result["finetune"] = {**ft_report, "base": ft.base, "base_sha256": base_identity["sha256"]}
+        # a fine-tune is named by its base, and tokens per parameter is a pretraining budget (Chinchilla's
+        # ~20), meaningless for adapting a model trained on trillions of tokens
+        result["model"], result["preset"], result["tokens_per_param"] = Path(ft.base).name, None, None
     result["checkpoint"] = str(last) if last.exists() else None
     result["resumed"] = resume
     result["local_params_rank0"] = module.local_params
@@ -338,12 +363,19 @@ def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, st
     tps = [r["tokens_per_s"] for r in train[1:] if r.get("tokens_per_s")]
     params = n_params(module.model)
     final_val = val.get("val/loss", vals[-1]["val_loss"] if vals else None)
-    return {"arch": cfg.arch, "preset": cfg.preset, "params": params, "trainable_params": module.n_trainable,
+    start = next((r["val_loss"] for r in vals if r["step"] == 0), None)
+    # one batch's loss is noise: the first and last losses are means over k steps
+    k = max(1, min(10, len(train) // 4))
+    mean = lambda rs: round(sum(r["loss"] for r in rs) / len(rs), 6) if rs else None  # noqa: E731
+    ppl = lambda v: None if v is None else round(math.exp(min(float(v), 30.0)), 4)  # noqa: E731
+    return {"arch": cfg.arch, "model": f"{cfg.arch} {cfg.preset}", "preset": cfg.preset, "params": params,
+            "trainable_params": module.n_trainable,
             "steps": train[-1]["step"] if train else 0, "max_steps": steps, "tokens_seen": module.tokens_seen,
             "tokens_per_param": round(module.tokens_seen / params, 4),
-            "first_loss": train[0]["loss"] if train else None, "final_loss": train[-1]["loss"] if train else None,
+            "first_loss": mean(train[:k]), "final_loss": mean(train[-k:]), "loss_mean_steps": k,
+            "val_loss_start": start, "val_ppl_start": ppl(start),
             "val_loss": None if final_val is None else round(float(final_val), 6),
-            "val_ppl": None if final_val is None else round(math.exp(min(float(final_val), 30.0)), 4),
+            "val_ppl": ppl(final_val),
             "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
             "mfu": train[-1].get("mfu") if train else None, "wall_s": round(wall, 2),
             "precision": cfg.precision, "devices": cfg.devices, "nodes": cfg.nodes, "strategy": cfg.strategy,
@@ -354,7 +386,38 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m models.train")
     ap.add_argument("--config", required=True, help="run.json written by the train flow")
     args = ap.parse_args(argv)
-    run(json.loads(Path(args.config).read_text()))
+    spec = json.loads(Path(args.config).read_text())
+    quiet_libraries()
+    try:
+        run(spec)
+    except Exception as e:
+        report_error(Path(spec["out_dir"]), e)
+        raise
+
+
+def quiet_libraries() -> None:
+    """train.log keeps what says something about this run: not Lightning's advertisement for its cloud
+    logger, nor deprecation notices about library internals the run does not call."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def report_error(out: Path, e: BaseException) -> None:
+    """OUT/error.json: what failed and whether a retry could heal it (the flow decides on retries
+    from it; the traceback stays in train.log)."""
+    from flows.retry import is_permanent
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        write_text_atomic(json.dumps({"type": type(e).__name__, "message": str(e), "permanent": is_permanent(e)},
+                                     indent=2), out / "error.json")
+    except OSError:
+        pass   # the traceback in train.log still says it
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ SAMPLE = ROOT / "sample"
 _home = tempfile.mkdtemp(prefix="refinery-prefect-home-")
 os.environ["PREFECT_HOME"] = _home
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("PREFECT_API_URL", None)
 sys.path.insert(0, str(ROOT))

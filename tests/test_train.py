@@ -214,13 +214,24 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
             arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["train-loss", "train-summary", "eval"])))
+                key=ArtifactFilterKey(any_=["train-loss", "train-summary", "eval", "train-progress"])))
             return {a.key: a for a in arts if a.flow_run_id == state.state_details.flow_run_id}
 
     import asyncio
     arts = asyncio.run(artifacts())
-    assert set(arts) == {"train-loss", "train-summary", "eval"}
+    assert set(arts) == {"train-loss", "train-summary", "eval", "train-progress"}
     assert "val_ppl" in arts["train-summary"].data and "tokens_per_param" in arts["train-summary"].data
+    # before and after: a validation pass at step 0 (the untrained model) and at the end
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert vals[0]["step"] == 0 and result["val_loss_start"] == vals[0]["val_loss"] > result["val_loss"]
+    assert "Validation loss" in arts["train-summary"].data and "untrained model" in arts["train-summary"].data
+    # the progress artifact carries the same figures as the terminal: step, smoothed loss, tokens/s
+    desc = arts["train-progress"].description
+    assert "step 12/12" in desc and "loss" in desc and "tok/s" in desc, desc
+    # training seconds accumulate across validations (they restarted at each before)
+    elapsed = [r["elapsed_s"] for r in rows if "loss" in r]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[5]
     # the eval stage: bits per byte on the val shard and the extra set, as an artifact and eval.json
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(evaluation["datasets"]) == {"shards-val", "held"}
