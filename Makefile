@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the pure-logic tier: no Prefect API, no subprocess, nothing marked slow (markers: tests/conftest.py)
+test-fast: install
+	$(PY) -m pytest -q -m "not prefect and not subprocess and not slow"
 
 # benchmarks run in their own venv: the stack plus the `bench` extra (DataTrove as the baseline),
 # so DataTrove's dependencies never touch .venv

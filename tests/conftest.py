@@ -33,3 +33,36 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
+
+
+# ----------------------------------------------------------------------------------------------
+# test tiers: `make test-fast` runs what needs neither a Prefect API nor a subprocess nor minutes
+
+_SUBPROCESS_SIGNS = ("subprocess", "Popen", "launch(", "_run(", "REFINERY", "torch.distributed", "mp.spawn",
+                     "multiprocessing")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test uses, so none can be forgotten: `prefect` for a test that needs the
+    API (the prefect_api fixture, directly or through another fixture), `subprocess` for one whose
+    body starts processes; `slow` is set by hand (@pytest.mark.slow) on pure tests over ~5 s."""
+    import inspect
+
+    seen: dict = {}
+
+    def starts_processes(func) -> bool:
+        if func not in seen:
+            try:
+                src = inspect.getsource(func)
+            except (OSError, TypeError):
+                src = ""
+            seen[func] = any(s in src for s in _SUBPROCESS_SIGNS)
+        return seen[func]
+
+    for item in items:
+        if "prefect_api" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.prefect)
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = [d.func for defs in (info.name2fixturedefs.values() if info else ()) for d in defs]
+        if any(starts_processes(f) for f in [getattr(item, "function", None), *fixtures] if f is not None):
+            item.add_marker(pytest.mark.subprocess)
