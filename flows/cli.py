@@ -134,17 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", type=float, help="model parameters, e.g. 1.2e9")
     g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e10")
     g.add_argument("--gpu-memory", type=float, dest="gpu_memory", help="GB per device: the largest model that fits")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--nodes", type=int, default=1)
+    # unset flags take the effective config's train section (what `refinery train` would run)
+    p.add_argument("--gpus", type=int, help="devices per node (default: train.devices)")
+    p.add_argument("--nodes", type=int, help="default: train.nodes")
     p.add_argument("--hours", type=float, help="wall-clock budget: the compute-optimal size for it")
-    p.add_argument("--gpu", default="H100", help="for peak FLOP/s (MFU): H100, A100, L4, ...")
-    p.add_argument("--precision", default="bf16-mixed", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    p.add_argument("--gpu", help="for peak FLOP/s (MFU): H100, A100, L4, ... (default: train.gpu, else H100)")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"],
+                   help="default: train.precision")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: train.strategy (auto plans as ddp)")
     p.add_argument("--mfu", type=float, default=0.4)
-    p.add_argument("--seq-len", type=int, default=2048, dest="seq_len")
-    p.add_argument("--micro-batch", type=int, default=1, dest="micro_batch")
-    p.add_argument("--keep-ratio", type=float, dest="keep_ratio", help="curated tokens / crawled tokens (default 0.02)")
-    p.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing")
+    p.add_argument("--seq-len", type=int, dest="seq_len", help="default: train.seq_len")
+    p.add_argument("--micro-batch", type=int, dest="micro_batch", help="default: train.batch_size")
+    p.add_argument("--keep-ratio", type=float, dest="keep_ratio",
+                   help="share of the crawl that survives curation (default: curate.quality.target_keep_ratio; "
+                        "that target counts words of extracted text, the plan applies it to crawled tokens)")
+    p.add_argument("--activation-checkpointing", action="store_true", dest="activation_checkpointing",
+                   help="default: train.activation_checkpointing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(p)
 

@@ -13,11 +13,15 @@ def plan(args, cfg: RefineryConfig) -> int:
 
     from models import planner
 
+    t = cfg.train          # the effective config: flags override it, as for `refinery train`
     keep = args.keep_ratio if args.keep_ratio is not None else cfg.curate.quality.target_keep_ratio
-    p = planner.plan(params=args.params, tokens=args.tokens, gpu_memory_gb=args.gpu_memory, gpus=args.gpus,
-                     nodes=args.nodes, hours=args.hours, gpu=args.gpu, precision=args.precision,
-                     strategy=args.strategy, mfu=args.mfu, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                     keep_ratio=keep, activation_checkpointing=args.activation_checkpointing)
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    p = planner.plan(params=args.params, tokens=args.tokens, gpu_memory_gb=args.gpu_memory,
+                     gpus=pick(args.gpus, t.devices), nodes=pick(args.nodes, t.nodes), hours=args.hours,
+                     gpu=args.gpu or t.gpu or "H100", precision=pick(args.precision, t.precision),
+                     strategy=pick(args.strategy, "fsdp" if t.strategy == "fsdp" else "ddp"), mfu=args.mfu,
+                     seq_len=pick(args.seq_len, t.seq_len), micro_batch=pick(args.micro_batch, t.batch_size),
+                     keep_ratio=keep, activation_checkpointing=args.activation_checkpointing or t.activation_checkpointing)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
         return 0

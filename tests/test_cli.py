@@ -122,6 +122,13 @@ def test_plan_prints_the_chinchilla_pairing_and_memory():
     plan = json.loads(p.stdout)
     assert plan["tokens"] == 2.4e10 and plan["flops"] == 6 * 1.2e9 * 2.4e10 and plan["fits"]
     assert plan["crawl"]["raw_tokens"] == 2.4e10 / 0.02
+    # unset flags plan what `refinery train` would run: the effective config's train section
+    assert (plan["seq_len"], plan["micro_batch"], plan["precision"]) == (256, 8, "32-true"), plan
+    p = subprocess.run(REFINERY + ["plan", "--params", "1.2e9", "--json", "--set", "train.seq_len=2048",
+                                   "--set", "train.precision=bf16-mixed", "--micro-batch", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    plan = json.loads(p.stdout)
+    assert (plan["seq_len"], plan["micro_batch"], plan["precision"], plan["gpus"]) == (2048, 2, "bf16-mixed", 1)
     p = subprocess.run(REFINERY + ["plan", "--params", "7e9", "--gpu", "A100"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert p.returncode == 0 and "does not fit" in p.stdout and "GiB per device" in p.stdout, p.stdout
