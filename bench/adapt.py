@@ -72,7 +72,7 @@ def main() -> None:
     out = Path(a.out or ROOT / "bench" / "out" / f"adapt-{a.domain}")
     out.mkdir(parents=True, exist_ok=True)
 
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.shard import shard_flow
     from flows.train import finetune_flow
     from models.finetune import prepare_tokenizer

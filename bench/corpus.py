@@ -47,7 +47,7 @@ def web_pages(data: Path) -> list[dict]:
     """{"id", "text", "source": "web:<category>", "clean": bool, "topic": domain or "web"} per page."""
     import py3langid
 
-    from flows.config import ExtractConfig
+    from core.config import ExtractConfig
     from tasks.extract import decode_payload, extract_html
     from tasks.warc import iter_records
 

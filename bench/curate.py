@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.config import CurateConfig, ExtractConfig  # noqa: E402
+from core.config import CurateConfig, ExtractConfig  # noqa: E402
 
 RULE_STAGES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
 SOURCES = [ROOT / "sample" / "pages.warc.gz"] + sorted((ROOT / "sample" / "warc").glob("*.warc.gz"))
@@ -126,7 +126,7 @@ def _ours_apply(name: str, out: str, drops_path: str) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from tasks.io import write_parquet_atomic
+    from core.io import write_parquet_atomic
 
     work = Path(out) / "work"
     table = pq.read_table(work / "filtered" / f"{name}.parquet")
@@ -141,7 +141,7 @@ def _ours_apply(name: str, out: str, drops_path: str) -> int:
 
 def run_ours(shards: list[Path], out: Path, workers: int, langid: bool) -> dict:
     from tasks.dedup import find_duplicates
-    from tasks.io import write_parquet_atomic
+    from core.io import write_parquet_atomic
 
     cfg = CurateConfig()
     if workers == 1:  # in-process, as DataTrove's executor runs a single worker
@@ -303,7 +303,7 @@ def synth_signatures(folder: Path, n: int, dup: float = 0.25, shard_rows: int = 
     import pyarrow as pa
 
     from tasks.dedup import signature_schema
-    from tasks.io import write_parquet_atomic
+    from core.io import write_parquet_atomic
 
     cfg = CurateConfig().dedup
     rng = np.random.default_rng(seed)

@@ -349,7 +349,7 @@ def child_ours(args) -> None:
     import flows.curate
     import flows.extract
     import flows.shard
-    from flows.config import load_config
+    from core.config import load_config
     from flows.runners import with_concurrency
 
     out = Path(args.out)
@@ -438,7 +438,7 @@ def count_cached(run_id: str) -> int:
 # ---- DataTrove (child process) --------------------------------------------------------------
 
 def _dt_langid(doc) -> bool:
-    from flows.config import CurateConfig
+    from core.config import CurateConfig
     from tasks.langid import identify, keep_language
 
     cfg = CurateConfig().langid
@@ -457,7 +457,7 @@ def child_datatrove(args) -> None:
     from datatrove.pipeline.readers import JsonlReader, WarcReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from flows.config import CurateConfig, ExtractConfig
+    from core.config import CurateConfig, ExtractConfig
 
     ext, cur = ExtractConfig(), CurateConfig()
     gq, gr, c4, fw, dd = (cur.rules.gopher_quality, cur.rules.gopher_repetition, cur.rules.c4, cur.rules.fineweb,

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.config import ExtractConfig  # noqa: E402
+from core.config import ExtractConfig  # noqa: E402
 from tasks.decode import DecodeError  # noqa: E402
 from tasks.extract import extract_html, extract_shard, payload_to_html  # noqa: E402
 from tasks.warc import iter_records  # noqa: E402

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.data import ShardDataModule  # noqa: E402
-from tasks.io import file_sha256  # noqa: E402
-from tasks.shard_format import FORMAT, write_shard  # noqa: E402
+from core.io import file_sha256  # noqa: E402
+from core.shard_format import FORMAT, write_shard  # noqa: E402
 
 VOCAB, EOS, PAD, MASK = 50257, 0, 1, 2
 

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import DOMAINS, ROOT, check_data, default_data, domain_docs, web_pages  # noqa: E402
 
-from flows.config import QualityConfig  # noqa: E402
+from core.config import QualityConfig  # noqa: E402
 from tasks import fasttext_model as ft  # noqa: E402
 from tasks.extract import count_words  # noqa: E402
 from tasks.quality import _chunks, load_reference, score_crawl, train_quality  # noqa: E402
@@ -115,7 +115,7 @@ def extraction_ms_per_1k(data: Path) -> float:
     """trafilatura's time per page, as the pipeline runs it, over the shipped English test pages."""
     import csv
 
-    from flows.config import ExtractConfig
+    from core.config import ExtractConfig
     from tasks.extract import extract_html
 
     e = ExtractConfig()

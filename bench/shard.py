@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from flows.config import ShardConfig  # noqa: E402
+from core.config import ShardConfig  # noqa: E402
 from tasks import tokenizer as tk  # noqa: E402
 from tasks.shard import ENCODE_BATCH, tokenize_shard  # noqa: E402
 

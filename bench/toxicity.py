@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import DOMAINS, ROOT, domain_docs, web_pages  # noqa: E402
 
-from flows.config import BiasConfig, QualityConfig, ToxicityConfig  # noqa: E402
+from core.config import BiasConfig, QualityConfig, ToxicityConfig  # noqa: E402
 from tasks import fasttext_model as ft  # noqa: E402
 from tasks import toxicity as tox  # noqa: E402
 from tasks.quality import load_reference  # noqa: E402

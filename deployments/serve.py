@@ -90,7 +90,7 @@ def ensure_gpu_limit(slots: int = 1) -> None:
 def main(argv: list[str] | None = None) -> None:
     from prefect import serve
 
-    from flows.config import load_config
+    from core.config import load_config
 
     ap = argparse.ArgumentParser(prog="deployments/serve.py")
     ap.add_argument("--config", help="YAML configuration (the served defaults)")

@@ -1,8 +1,8 @@
 """The refinery's Prefect flows.
 
-Importing this package scrubs secrets from every log record this process creates (flows/redact.py):
+Importing this package scrubs secrets from every log record this process creates (core/redact.py):
 served runs, CLI runs and Dask workers all import it before they log anything of ours.
 """
-from flows import redact as _redact
+from core import redact as _redact
 
 _redact.install()

@@ -29,14 +29,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.config import SAMPLE, RefineryConfig
+from core.config import SAMPLE, RefineryConfig
 from flows.curate import run_curate
 from flows.extract import run_extract
 from flows.guard import confine
 from flows.shard import run_shard
 from flows.train import run_train
-from tasks.eval_data import set_name
-from tasks.io import atomic_path, write_text_atomic
+from core.eval_data import set_name
+from core.io import atomic_path, write_text_atomic
 
 VARIANTS = ("none", "rules", "rules+dedup", "full-10", "full-2")
 DEFAULT_HELDOUT = SAMPLE / "curation" / "background" / "docs.jsonl"

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.io import file_sha256
+from core.io import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     cfg_json = cfg.model_dump_json() if hasattr(cfg, "model_dump_json") else repr(cfg)
     parts = [context.task.name, parameters["input_sha256"], cfg_json,
              str(Path(parameters["out_dir"]).resolve()), parameters.get("shard_name", ""),
-             code_version("tasks", "flows")]
+             code_version("core", "tasks", "flows")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
@@ -59,7 +59,7 @@ def map_shards(task, arg_lists: list[tuple], on_result=None, **options) -> list[
     many runs came from cache: after a killed run, the rerun's log shows what it did not redo."""
     from prefect import get_run_logger
 
-    from flows import faults
+    from core import faults
 
     t = task.with_options(**options)
     futures = [t.submit(*args) for args in arg_lists]

@@ -18,7 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import yaml  # noqa: E402
 
-from flows.config import ConfigError, RefineryConfig, absolute_paths, load_config  # noqa: E402
+from core.config import ConfigError, RefineryConfig, absolute_paths, load_config  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows import progress  # Prefect imports are slow; only pay for them when working
 
-    from tasks.shard_format import ShardError
+    from core.shard_format import ShardError
 
     try:
         if args.command in ("train", "finetune"):
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_training_inputs(args: argparse.Namespace, cfg: RefineryConfig) -> None:
     """What a training run cannot heal, checked before it starts: the shards, the base, and that the
     shards were made with the base's tokenizer."""
-    from tasks.shard_format import load_manifest
+    from core.shard_format import load_manifest
 
     data = args.shards if args.command == "train" else args.data
     load_manifest(data)

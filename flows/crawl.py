@@ -11,9 +11,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import progress
-from flows.config import CrawlConfig, RefineryConfig
+from core.config import CrawlConfig, RefineryConfig
 from flows.guard import confine
-from flows.retry import retry_options
+from core.retry import retry_options
 from tasks.fetch import crawl
 
 

@@ -16,16 +16,17 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows import faults, progress
+from core import faults
+from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
-from flows.config import CurateConfig, RefineryConfig
+from core.config import CurateConfig, RefineryConfig
 from flows.guard import confine
 from flows.extract import run_extract
-from flows.retry import retry_options
+from core.retry import retry_options
 from tasks import curate as steps
 from tasks.extract import shard_inputs
 from tasks.funnel import build_funnel, funnel_table, merge_stats, model_warnings, plot_funnel, plot_scores
-from tasks.io import atomic_path, exclusive_dir, file_sha256, write_text_atomic
+from core.io import atomic_path, exclusive_dir, file_sha256, write_text_atomic
 
 
 def _combine(*parts: str) -> str:
@@ -43,7 +44,7 @@ def filter_task(docs_path: str, input_sha256: str, out_dir: str, shard_name: str
 @task(name="dedup-reduce", cache_key_fn=shard_cache_key, persist_result=True)
 def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.dedup import find_duplicates
-    from tasks.io import write_parquet_atomic
+    from core.io import write_parquet_atomic
 
     work = Path(out_dir) / "work"
     drops = find_duplicates(signature_files, config.dedup, work / "dedup")

@@ -20,15 +20,15 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.caching import code_version, input_fingerprint
-from flows.config import EvalConfig, RefineryConfig
-from tasks.io import write_text_atomic
+from core.config import EvalConfig, RefineryConfig
+from core.io import write_text_atomic
 
 
 def eval_cache_key(context, parameters: dict) -> str:
     model = Path(parameters["model"])
     parts = [input_fingerprint(model) if model.exists() else str(model)]
     parts += [input_fingerprint(d) for d in parameters["data"]]
-    parts += [json.dumps(parameters["cfg"].model_dump(mode="json"), sort_keys=True), code_version("models", "tasks")]
+    parts += [json.dumps(parameters["cfg"].model_dump(mode="json"), sort_keys=True), code_version("core", "models", "tasks")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 

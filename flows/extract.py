@@ -10,14 +10,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from flows import faults, progress
+from core import faults
+from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
-from flows.config import ExtractConfig, RefineryConfig
+from core.config import ExtractConfig, RefineryConfig
 from flows.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
-from flows.retry import retry_options
+from core.retry import retry_options
 from tasks.extract import extract_shard, shard_inputs
-from tasks.io import exclusive_dir, write_text_atomic
+from core.io import exclusive_dir, write_text_atomic
 
 
 def shard_name(path: Path, sha: str) -> str:

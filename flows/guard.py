@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flows.config import PATH_FIELDS  # the config fields that name files a run reads
+from core.config import PATH_FIELDS  # the config fields that name files a run reads
 
 ENV = "REFINERY_DATA_ROOTS"
 REPO = Path(__file__).resolve().parent.parent

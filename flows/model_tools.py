@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows.config import RefineryConfig
+from core.config import RefineryConfig
 
 
 def plan(args, cfg: RefineryConfig) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import RefineryConfig
+from core.config import RefineryConfig
 from flows.guard import confine
 from flows.crawl import run_crawl
 from flows.curate import run_curate

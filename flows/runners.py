@@ -18,7 +18,7 @@ import os
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.config import RefineryConfig, RunnerConfig
+from core.config import RefineryConfig, RunnerConfig
 
 DASK_ADDRESS_ENV = "REFINERY_DASK_ADDRESS"
 

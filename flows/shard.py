@@ -15,14 +15,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
-from flows import faults, progress
+from core import faults
+from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
-from flows.config import RefineryConfig, ShardConfig
+from core.config import RefineryConfig, ShardConfig
 from flows.guard import confine
-from flows.retry import retry_options
+from core.retry import retry_options
 from tasks import shard as steps
-from tasks.io import exclusive_dir, file_sha256, write_text_atomic
-from tasks.shard_format import FORMAT, SPLITS
+from core.io import exclusive_dir, file_sha256, write_text_atomic
+from core.shard_format import FORMAT, SPLITS
 
 
 @task(name="shard-tokenizer", cache_key_fn=shard_cache_key, persist_result=True)

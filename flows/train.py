@@ -31,13 +31,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 
-from flows import faults, progress
+from core import faults
+from flows import progress
 from flows.caching import code_version
-from flows.config import RefineryConfig, absolute_paths
+from core.config import RefineryConfig, absolute_paths
 from flows.guard import confine
-from flows.redact import redact
-from flows.retry import PermanentError, retry_options
-from tasks.io import atomic_path, exclusive_dir, write_text_atomic
+from core.redact import redact
+from core.retry import PermanentError, retry_options
+from core.io import atomic_path, exclusive_dir, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 _PREFECT_SECRETS = {"PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"}
@@ -96,7 +97,7 @@ def read_metrics(path: Path) -> list[dict]:
 def run_fingerprint(spec: dict, shards_sha256: str) -> str:
     """What a training run's checkpoints depend on: the shards, the spec (but `resume`) and the code."""
     spec = {k: v for k, v in spec.items() if k not in ("resume", "fingerprint")}
-    parts = [shards_sha256, json.dumps(spec, sort_keys=True), code_version("models", "flows", "tasks")]
+    parts = [shards_sha256, json.dumps(spec, sort_keys=True), code_version("core", "models", "flows", "tasks")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.shard_format import ShardError, load_manifest, verify as verify_shards
+from core.shard_format import ShardError, load_manifest, verify as verify_shards
 
 IGNORE = -100                      # label of positions without a loss (torch's cross_entropy default)
 OBJECTIVES = ("causal", "mlm", "span")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tasks.eval_data import EvalSet, load_eval_set
+from core.eval_data import EvalSet, load_eval_set
 
 
 class EvalNotSupported(ValueError):
@@ -258,7 +258,7 @@ class _bar:
 
 
 def write_eval(result: dict, out_dir: str | Path) -> Path:
-    from tasks.io import write_text_atomic
+    from core.io import write_text_atomic
 
     path = Path(out_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)

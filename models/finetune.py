@@ -123,19 +123,21 @@ def check_shards_tokenizer(shards_dir: str | Path, base: str | Path, base_tokeni
     Ids from another tokenizer still index the embedding table, so nothing else would notice: the
     run would train at loss ~10 and export a model paired with the wrong tokenizer. Returns the
     shared fingerprint, or None when the base ships no tokenizer (nothing to compare with)."""
-    from tasks import tokenizer as tk
-    from tasks.shard_format import load_manifest
+    from tokenizers import Tokenizer
+
+    from core.shard_format import load_manifest, tokenizer_fingerprint
 
     manifest = load_manifest(shards_dir)
     info = manifest["tokenizer"]
-    theirs = info.get("fingerprint") or tk.fingerprint(tk.load_user_tokenizer(Path(shards_dir) / info["dir"]))
+    theirs = info.get("fingerprint") or tokenizer_fingerprint(
+        Tokenizer.from_file(str(Path(shards_dir) / info["dir"] / "tokenizer.json")))   # an older manifest
     if base_tokenizer is None:
         folder, gguf = resolve_base(base)
         _gguf_guard(gguf, folder)
         base_tokenizer = _load_tokenizer(folder, gguf)
         if base_tokenizer is None:
             return None
-    ours = tk.fingerprint(base_tokenizer)
+    ours = tokenizer_fingerprint(base_tokenizer)
     if ours == theirs:
         return ours
     inputs = manifest.get("source", {}).get("inputs") or []
@@ -152,7 +154,7 @@ def base_identity(base: str | Path) -> dict:
     checkpoint, which holds only what training changed, resumes on exactly the base it was trained on."""
     import hashlib
 
-    from tasks.io import file_sha256
+    from core.io import file_sha256
 
     folder, gguf = resolve_base(base)
     files = [folder / gguf] if gguf else sorted(

@@ -31,11 +31,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from flows.config import FinetuneConfig, TrainConfig
+from core.config import FinetuneConfig, TrainConfig
 from models.architectures import OBJECTIVE, arch_of, build_model, make_config, n_params
 from models.data import ShardDataModule
 from models.module import LMModule
-from tasks.io import write_text_atomic
+from core.io import write_text_atomic
 
 
 class MetricsFile(Callback):
@@ -99,7 +99,7 @@ class KillAt(Callback):
     """Fault injection (tests, chaos drills): REFINERY_KILL_AT_STEP=N SIGKILLs rank 0 once N optimizer
     steps are done, before the next one starts, as a crash would (the others die with it).
     REFINERY_KILL_AT=train-step:N SIGKILLs the process that launched the trainer instead (a killed
-    `refinery run` mid-training), which takes the trainer with it (flows/faults.py)."""
+    `refinery run` mid-training), which takes the trainer with it (core/faults.py)."""
 
     def __init__(self, step: int, parent: bool = False):
         self.step, self.parent = step, parent
@@ -107,7 +107,7 @@ class KillAt(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.step and trainer.is_global_zero:
             if self.parent:
-                from flows.faults import kill_parent_and_wait
+                from core.faults import kill_parent_and_wait
                 kill_parent_and_wait()
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -197,7 +197,7 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     """The planner before any process starts: parameters, tokens, FLOPs, memory per device. A run
     that does not fit raises PlanError with the numbers (unless `skip_plan_check`)."""
     from models import planner
-    from tasks.shard_format import load_manifest
+    from core.shard_format import load_manifest
 
     manifest = load_manifest(shards_dir)
     tok = manifest["tokenizer"]
@@ -348,7 +348,7 @@ def release_process_group() -> None:
 
 
 def kill_switch() -> list[Callback]:
-    from flows.faults import kill_points
+    from core.faults import kill_points
 
     step = os.environ.get("REFINERY_KILL_AT_STEP")
     parent_step = kill_points().get("train-step")
@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True, help="run.json written by the train flow")
     args = ap.parse_args(argv)
     spec = json.loads(Path(args.config).read_text())
+    from core import redact
+
+    redact.install()        # this process logs too: the same scrubbing as the flows (explicit, not on import)
     quiet_libraries()
     try:
         run(spec)
@@ -409,7 +412,7 @@ def quiet_libraries() -> None:
 def report_error(out: Path, e: BaseException) -> None:
     """OUT/error.json: what failed and whether a retry could heal it (the flow decides on retries
     from it; the traceback stays in train.log)."""
-    from flows.retry import is_permanent
+    from core.retry import is_permanent
 
     if os.environ.get("RANK", "0") != "0":
         return

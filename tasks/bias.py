@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.config import BiasConfig
+from core.config import BiasConfig
 from tasks.bias_terms import group_regexes, load_groups
 
 ALL = "*"  # in a per-stage dict: documents of any kind that stage removed

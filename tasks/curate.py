@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.config import CurateConfig
+from core.config import CurateConfig
 from tasks.extract import count_words
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 
 RULE_STAGES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
 FILTER_STAGES = ["langid", *RULE_STAGES, "decontaminate"]

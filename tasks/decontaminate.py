@@ -9,7 +9,7 @@ training documents that share any 13-gram with a benchmark. Here:
 - Each word gets a stable 64-bit hash (blake2b, digest_size=8: the same in every process,
   unlike Python's `hash()`); an n-gram's hash is a polynomial of its words' hashes mod 2**64,
   computed for all positions of a document at once with numpy (n vector operations).
-- The evaluation sets (`tasks.eval_data.load_eval_set`: .txt, .jsonl, .parquet, folders,
+- The evaluation sets (`core.eval_data.load_eval_set`: .txt, .jsonl, .parquet, folders,
   shard folders) become one sorted, deduplicated uint64 array, built once per process for each
   (paths, their files' sizes and mtimes, n). A document's n-gram hashes are looked up with
   `np.searchsorted` (O(m log N); `np.isin` would sort the whole index again for every document).
@@ -90,7 +90,7 @@ class NgramIndex:
 
 def build_index(paths: list[str] | tuple[str, ...], n: int) -> NgramIndex:
     """Read every evaluation set and hash its n-grams (uncached: see `load_index`)."""
-    from tasks.eval_data import load_eval_set
+    from core.eval_data import load_eval_set
 
     parts, srcs, texts, short = [], [], 0, 0
     for k, p in enumerate(paths):

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import faults
-from flows.config import DedupConfig
-from tasks.io import TMP_PREFIX
+from core import faults
+from core.config import DedupConfig
+from core.io import TMP_PREFIX
 from tasks.urls import normalize_url
 
 U64 = np.uint64

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from flows.config import ExtractConfig
+from core.config import ExtractConfig
 from tasks.decode import DecodeError, decode_content, decode_text, dechunk
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 from tasks.warc import ReadStats, Record, file_problem, iter_records, looks_like_warc
 from tasks.workers import ItemFailed, borrow_pool
 

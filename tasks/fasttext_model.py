@@ -15,7 +15,7 @@ from pathlib import Path
 import fasttext
 import numpy as np
 
-from flows.faults import die_with_parent
+from core.faults import die_with_parent
 
 fasttext.FastText.eprint = lambda *_: None  # silence the load_model API-change notice on stderr
 

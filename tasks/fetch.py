@@ -35,9 +35,9 @@ import httpx
 import pyarrow as pa
 from protego import Protego
 
-from flows.config import CrawlConfig
+from core.config import CrawlConfig
 from tasks.decode import DecodeError, decode_content
-from tasks.io import TMP_PREFIX, write_parquet_atomic
+from core.io import TMP_PREFIX, write_parquet_atomic
 from tasks.netguard import RefusedAddress, check_url_allowed, is_forbidden_ip
 from tasks.urls import extract_links, normalize_url, same_site
 from tasks.warc_writer import OPEN_SUFFIX, RotatingWarcWriter, repair_open_file

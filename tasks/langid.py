@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from flows.config import LangIdConfig
+from core.config import LangIdConfig
 
 PREFIX_CHARS = 2000
 UNKNOWN = ("und", 0.0)  # ISO 639 "undetermined": text without a single letter

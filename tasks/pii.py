@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from flows.config import PiiConfig
+from core.config import PiiConfig
 
 TAGS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>"}
 

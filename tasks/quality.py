@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from flows.config import QualityConfig
+from core.config import QualityConfig
 from tasks import fasttext_model as ft
 from tasks.select_io import method_of
 

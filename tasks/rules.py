@@ -1,12 +1,12 @@
 """Heuristic text-quality rules, in FineWeb's order: Gopher repetition, Gopher quality, C4, FineWeb.
 
 Pure Python and no Prefect: `apply_rules` runs on one document and stops at the first failing
-rule. Every threshold comes from `flows.config.RulesConfig`; the modules say where they follow
+rule. Every threshold comes from `core.config.RulesConfig`; the modules say where they follow
 the papers and where DataTrove 0.10 (what FineWeb ran), and why.
 """
 from __future__ import annotations
 
-from flows.config import GopherRepetitionConfig, RulesConfig
+from core.config import GopherRepetitionConfig, RulesConfig
 from tasks import rules_c4, rules_fineweb, rules_gopher
 
 FAMILIES = [  # (RulesConfig attribute = reason prefix, check); the order is FineWeb's

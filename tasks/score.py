@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

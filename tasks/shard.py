@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from flows.config import ShardConfig
-from tasks.shard_format import token_type, write_shard
+from core.config import ShardConfig
+from core.shard_format import token_type, tokenizer_fingerprint, write_shard
 
 HASH_RANGE = 1 << 64
 ENCODE_BATCH = 512  # documents per encode_batch call: big enough for rayon, small enough for RAM
@@ -70,7 +70,7 @@ def build_tokenizer(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: P
     hf = tk.load_user_tokenizer(final)
     ids, sentinels = tk.special_ids(hf)
     return {"dir": "tokenizer", "trained": trained, "vocab_size": len(hf), "special_ids": ids,
-            "sentinel_ids": sentinels, "name": name, "fingerprint": tk.fingerprint(hf)}
+            "sentinel_ids": sentinels, "name": name, "fingerprint": tokenizer_fingerprint(hf)}
 
 
 def tokenizer_report(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: Path, max_texts: int = 2000) -> dict:

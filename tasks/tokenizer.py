@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from tasks.shard_format import EOS, MASK, PAD, sentinel
+from core.shard_format import EOS, MASK, PAD, sentinel
 
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "sample" / "curation" / "reference"
 _WORD = re.compile(r"[^\W\d_]{4,}")  # candidate domain words: letters only, 4+ long
@@ -61,28 +61,6 @@ def load_user_tokenizer(path: str | Path):
     if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(p))
     raise FileNotFoundError(f"{p}: not a tokenizer.json nor a tokenizer folder")
-
-
-def fingerprint(hf) -> str:
-    """The identity of a tokenizer: sha256 of its vocabulary, merges and added tokens (not of a file:
-    the same tokenizer read from a .gguf, a tokenizer.json or a saved folder gets the same hash, so
-    shards and a base model can be compared wherever each came from)."""
-    import hashlib
-    import json
-
-    backend = getattr(hf, "backend_tokenizer", hf)
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    vocab = model.get("vocab")
-    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
-    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
-    if vocab is None:                   # a model without a vocab field (never seen): the whole spec
-        vocab = {"spec": spec}
-    if isinstance(vocab, list):         # Unigram: [[piece, score], ...]
-        vocab = [[v[0], round(float(v[1]), 6)] for v in vocab]
-    blob = json.dumps({"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def special_ids(hf) -> tuple[dict, list[int]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.config import ToxicityConfig
+from core.config import ToxicityConfig
 from tasks import fasttext_model as ft
 from tasks.bias_terms import group_regexes
 

@@ -7,7 +7,7 @@ plus two crawler conventions: the fragment is dropped (never sent to the server)
 query parameters are sorted (almost every server treats them as a set).
 
 Credentials are dropped, never sent: userinfo (https://user:pass@host/) and credential query
-parameters (?token=, ?api_key=, ... : flows.redact.SECRET_PARAMS). The crawler collects public
+parameters (?token=, ?api_key=, ... : core.redact.SECRET_PARAMS). The crawler collects public
 pages; a URL that only works with a secret in it would put that secret into the WARC files, the
 crawl log, the extracted documents' `url` column and the run's logs, all of which are shared.
 """
@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 import lxml.etree
 import lxml.html
 
-from flows.redact import SECRET_PARAMS, redact_url
+from core.redact import SECRET_PARAMS, redact_url
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Characters left as-is when re-quoting; "%" keeps existing escapes intact.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 CUR = ROOT / "sample" / "curation"

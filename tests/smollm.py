@@ -34,7 +34,7 @@ def smollm2_gguf() -> Path:
 def write_docs(texts: list[str], out: Path, name: str = "docs") -> Path:
     """Curated-document Parquet (what `refinery curate` writes), ready for the shard flow."""
     from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
-    from tasks.io import write_parquet_atomic
+    from core.io import write_parquet_atomic
 
     rows = []
     for i, text in enumerate(texts):
@@ -48,7 +48,7 @@ def write_docs(texts: list[str], out: Path, name: str = "docs") -> Path:
 
 def shard(curated: Path, out: Path, **shard_cfg) -> Path:
     """Run the real shard flow (needs the prefect_api fixture active)."""
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.shard import shard_flow
 
     cfg = RefineryConfig.model_validate({"shard": {"val_fraction": 0.1, "row_group_tokens": 20000, **shard_cfg}})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import SAMPLE, RefineryConfig
+from core.config import SAMPLE, RefineryConfig
 
 
 def test_variant_settings():

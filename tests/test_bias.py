@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from flows.config import BiasConfig
+from core.config import BiasConfig
 from tasks.bias import ALL, audit, counts, mentions, plot_audit
 
 DOCS = [

@@ -32,7 +32,7 @@ def test_invalid_config_fails_before_any_work(tmp_path):
 
 
 def test_config_from_yaml_with_cli_overrides(tmp_path):
-    from flows.config import load_config
+    from core.config import load_config
 
     y = tmp_path / "c.yaml"
     y.write_text("crawl:\n  per_host_delay_s: 3\nextract:\n  workers: 2\n")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.config import CrawlConfig
+from core.config import CrawlConfig
 from tasks import fetch
 from tasks.fetch import crawl, decode_body, parse_retry_after
 from tasks.netguard import RefusedAddress, check_url_allowed, is_forbidden_ip
@@ -486,7 +486,7 @@ def test_warc_reads_back_with_warcio_and_fastwarc(tmp_path):
 _CHILD = """
 import asyncio, sys
 from pathlib import Path
-from flows.config import CrawlConfig
+from core.config import CrawlConfig
 from tasks.fetch import crawl
 asyncio.run(crawl([sys.argv[1]], Path(sys.argv[2]), CrawlConfig.model_validate_json(sys.argv[3])))
 """

@@ -18,7 +18,7 @@ IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 
 @pytest.fixture(scope="module")
 def curated(prefect_api, tmp_path_factory):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.curate import curate_flow
 
     base = tmp_path_factory.mktemp("curate")
@@ -149,7 +149,7 @@ def test_rerun_is_cached(curated):
 
 
 def test_unreachable_target_is_reported_plainly(prefect_api, tmp_path):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.curate import curate_flow
 
     write_mix(tmp_path / "mix", shards=1)

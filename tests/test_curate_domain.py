@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 from tests.mix import CUR, build_docs
 
 
 @pytest.fixture(scope="module")
 def run(prefect_api, tmp_path_factory):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.curate import curate_flow
 
     base = tmp_path_factory.mktemp("domain")

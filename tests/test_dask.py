@@ -100,7 +100,7 @@ def _new_children(before: set[int]) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def runs(prefect_api, tmp_path_factory):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
 
     assert prefect_api  # the workers' tasks must report to this API, not start servers of their own
     base = tmp_path_factory.mktemp("dask")

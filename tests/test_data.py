@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models.data import IGNORE, ShardDataModule, cut_even, random_spans_noise_mask, round_robin
-from tasks.io import file_sha256
-from tasks.shard_format import FORMAT, ShardError, write_shard
+from core.io import file_sha256
+from core.shard_format import FORMAT, ShardError, write_shard
 
 EOS, PAD, MASK = 0, 1, 2
 SENTINELS = list(range(3, 103))

@@ -16,7 +16,7 @@ import pytest
 
 from tasks.decontaminate import build_index, load_index, ngram_hashes, words_of
 from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 from tests.mix import CUR, wikitext_articles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_the_index_is_built_once_and_rebuilt_when_its_files_change(tmp_path):
 
 
 def test_stages_and_guard(tmp_path, monkeypatch):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.guard import ENV, PathNotAllowed, confine
     from tasks.curate import stages
 
@@ -98,7 +98,7 @@ def _doc(url: str, text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def planted(prefect_api, tmp_path_factory):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.curate import curate_flow
     from tasks import curate as steps
     from tasks.rules import apply_rules
@@ -178,7 +178,7 @@ def steps_before_decontamination() -> list[str]:
 
 def test_changed_evaluation_files_are_not_served_from_cache(planted):
     """Same paths, new content: the filter phase's cache key holds the files' hash, not only the config."""
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.curate import curate_flow
 
     base, planted_id, _ = planted

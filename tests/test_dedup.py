@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flows.config import DedupConfig, ExtractConfig
+from core.config import DedupConfig, ExtractConfig
 from tasks import dedup
 from tasks.dedup import DROP_SCHEMA, find_duplicates, normalize_text, signatures
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 BOILERPLATE = "Subscribe to our newsletter for weekly updates. Copyright 2024, all rights reserved."
@@ -135,7 +135,7 @@ def test_signatures_fixed_across_seeds_and_processes(web):
     cfg = DedupConfig()
     t = table([{"id": "a", "url": web[1][0], "text": web[1][1]}])
     sig = signatures(t, "s", cfg)
-    code = ("import sys, pyarrow as pa; from flows.config import DedupConfig; from tasks.dedup import signatures;"
+    code = ("import sys, pyarrow as pa; from core.config import DedupConfig; from tasks.dedup import signatures;"
             f"t = pa.table({{'id': ['a'], 'url': [{web[1][0]!r}], 'text': [sys.stdin.read()], 'n_words': [1]}});"
             "s = signatures(t, 's', DedupConfig()); print(s['exact'][0], s['band_13'][0])")
     out = subprocess.run([sys.executable, "-c", code], input=web[1][1], capture_output=True, text=True,

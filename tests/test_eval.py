@@ -41,7 +41,7 @@ def export(shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def texts(shards) -> list[str]:
-    from tasks.eval_data import load_eval_set
+    from core.eval_data import load_eval_set
 
     return load_eval_set(shards / "val").texts[:4]
 
@@ -169,7 +169,7 @@ def test_cli_writes_eval_json_and_refuses_what_it_cannot_score(export, texts, tm
 
 
 def test_finetune_flow_ends_with_base_and_tuned_bits_per_byte(export, shards, texts, tmp_path, prefect_api):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.train import finetune_flow
 
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]))

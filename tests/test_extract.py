@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import trafilatura
 
-from flows.config import ExtractConfig
+from core.config import ExtractConfig
 from tasks.extract import extract_shard, payload_to_html
 from tasks.warc import iter_records
 from tasks.workers import ItemFailed, TimeoutPool

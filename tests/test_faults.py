@@ -4,7 +4,7 @@ rerun each time in the same folder, ends byte-identical to a run nobody killed.
 One out folder is driven through the whole chain (each rerun is killed at the next point), while an
 uninterrupted reference run goes on beside it (its own folder and result cache): the two share no
 state but the Prefect API. The crawl's own resume after SIGKILL is tests/test_crawler.py's
-test_resume_after_sigkill. Kill points: flows/faults.py (REFINERY_KILL_AT).
+test_resume_after_sigkill. Kill points: core/faults.py (REFINERY_KILL_AT).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DATA = ["extract/docs", "extract/rejected", "curate/docs", "curate/rejected",
 
 
 def test_exclusive_dir_sweeps_temporaries_and_refuses_a_second_writer(tmp_path):
-    from tasks.io import DirectoryBusy, atomic_path, exclusive_dir
+    from core.io import DirectoryBusy, atomic_path, exclusive_dir
 
     d = tmp_path / "out"
     (d / "sub").mkdir(parents=True)

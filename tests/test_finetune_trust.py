@@ -111,7 +111,7 @@ def test_shards_in_another_tokenizers_ids_are_refused(prefect_api, smollm2_gguf,
     assert not (tmp_path / "run").exists()                      # refused before anything started
 
     # the served path (no CLI in front): the flow refuses before launching the trainer
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.train import finetune_flow
 
     state = finetune_flow(str(smollm2_gguf), str(own_shards), str(tmp_path / "flow"), "lora",
@@ -126,8 +126,8 @@ def test_a_missing_base_fails_on_the_first_attempt(prefect_api, own_shards, tmp_
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.config import RefineryConfig
-    from flows.retry import retry_options
+    from core.config import RefineryConfig
+    from core.retry import retry_options
     from flows.train import shards_fingerprint, train_task
 
     cfg = RefineryConfig.model_validate({"runner": {"task_retries": 2, "retry_delay_s": 0}})
@@ -161,11 +161,11 @@ def test_a_missing_base_fails_on_the_first_attempt(prefect_api, own_shards, tmp_
 def test_retry_condition_retries_only_what_can_heal():
     from prefect.states import Failed
 
-    from flows.faults import InjectedFault
-    from flows.retry import PermanentError, transient
+    from core.faults import InjectedFault
+    from core.retry import PermanentError, transient
     from models.finetune import NeedsCUDA, TokenizerMismatch
     from models.planner import PlanError
-    from tasks.shard_format import ShardError
+    from core.shard_format import ShardError
 
     for exc in (FileNotFoundError("x"), TokenizerMismatch("x"), PlanError("x"), ShardError("x"), NeedsCUDA("x"),
                 PermanentError("x"), ValueError("x")):
@@ -226,7 +226,7 @@ def test_finetune_help_names_every_lora_and_prompt_setting():
 
 
 def test_absolute_paths_anchor_every_path_field(tmp_path):
-    from flows.config import absolute_paths, load_config
+    from core.config import absolute_paths, load_config
 
     cfg = load_config(None, ["finetune.base=smol/m.gguf", "eval.data=[a.jsonl, /abs/b.txt]",
                              "shard.tokenizer_path=tok"])

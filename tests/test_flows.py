@@ -38,7 +38,7 @@ def inputs(tmp_path):
 
 
 def test_rerun_is_cached_and_config_change_recomputes(prefect_api, tmp_path, inputs):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
 
     cfg = RefineryConfig()
     out = tmp_path / "out"
@@ -71,7 +71,7 @@ def test_rerun_is_cached_and_config_change_recomputes(prefect_api, tmp_path, inp
 
 
 def test_a_task_that_fails_once_is_retried(prefect_api, tmp_path, inputs, monkeypatch):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("REFINERY_FAIL_ONCE", f"extract-shard:{marker}")
@@ -88,7 +88,7 @@ def test_counts_artifact_is_published(prefect_api, tmp_path, inputs):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
 
     _, fr = _run(inputs, tmp_path / "out", RefineryConfig())
     with get_client(sync_client=True) as client:

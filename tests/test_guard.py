@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from flows.config import RefineryConfig
+from core.config import RefineryConfig
 from flows.guard import ENV, PATH_FIELDS, PathNotAllowed, confine
 
 
@@ -28,7 +28,7 @@ def test_paths_under_a_root_pass_and_escapes_are_refused(roots, tmp_path):
 
 
 def test_the_bundled_sample_is_readable_not_writable_and_config_paths_are_checked(roots, tmp_path):
-    from flows.config import SAMPLE
+    from core.config import SAMPLE
 
     cfg = RefineryConfig()                                  # its defaults read bundled files only
     confine(reads={"inputs": [str(SAMPLE / "warc")]}, config=cfg)

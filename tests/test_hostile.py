@@ -209,7 +209,7 @@ def run_watched(cmd: list[str], log: Path, env: dict | None = None, timeout: flo
 _CRAWL = """
 import asyncio, sys
 from pathlib import Path
-from flows.config import CrawlConfig
+from core.config import CrawlConfig
 from tasks.fetch import crawl
 print(asyncio.run(crawl(sys.argv[1].split(), Path(sys.argv[2]), CrawlConfig.model_validate_json(sys.argv[3]))))
 """
@@ -218,7 +218,7 @@ print(asyncio.run(crawl(sys.argv[1].split(), Path(sys.argv[2]), CrawlConfig.mode
 def crawl_hostile_server(out: Path, log: Path) -> tuple[dict, int]:
     """Crawl a server that sends a gzip bomb and lying Content-Lengths; returns (crawl log by
     path, peak RSS of the crawling process)."""
-    from flows.config import CrawlConfig
+    from core.config import CrawlConfig
 
     ok = article("crawled")
     routes = {"/bomb": page(gzip_bomb(1024), headers={"Content-Encoding": "gzip"}),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from flows.config import ExtractConfig, LangIdConfig
+from core.config import ExtractConfig, LangIdConfig
 from tasks.extract import extract_html, payload_to_html
 from tasks.langid import identify, keep_language, to_iso639_1
 from tasks.warc import iter_records

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from flows.config import PiiConfig
+from core.config import PiiConfig
 from tasks.pii import mask_pii
 
 CFG = PiiConfig()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.config import QualityConfig
+from core.config import QualityConfig
 from tasks import fasttext_model as ft
 from tasks.quality import load_reference, score_quality, train_quality
 from tasks.select_io import method_of

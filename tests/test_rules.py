@@ -12,7 +12,7 @@ from string import ascii_lowercase
 
 import pytest
 
-from flows.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, RulesConfig
+from core.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, RulesConfig
 from tasks import rules_c4, rules_fineweb
 from tasks.rules import RULE_CODES, apply_rules
 from tasks.rules_gopher import check_quality, check_repetition

@@ -1,4 +1,4 @@
-"""No secret appears in logs, artifacts or output files (flows/redact.py, tasks/urls.py).
+"""No secret appears in logs, artifacts or output files (core/redact.py, tasks/urls.py).
 
 Secret environment variables (Prefect credentials, a database URL, a hub token, a proxy URL) are set
 and real flows run against the session's Prefect API: the crawl flow on seeds that carry
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from crawl_servers import CrawlServer, page
-from flows.redact import MASK, known_secrets, redact, redact_data
+from core.redact import MASK, known_secrets, redact, redact_data
 from tasks.urls import extract_links, normalize_url
 
 ENV_SECRETS = {
@@ -133,7 +133,7 @@ def test_normalize_url_never_keeps_a_credential():
 
 
 def test_crawl_flow_keeps_credentials_out_of_logs_artifacts_and_files(secret_env, tmp_path):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.crawl import crawl_flow
 
     links = ('<a href="/linked?access_token=LinkToken0011">a</a>'

@@ -24,7 +24,7 @@ import pytest
 
 from crawl_servers import CrawlServer, page
 from flows.caching import input_fingerprint
-from flows.config import CrawlConfig, ExtractConfig
+from core.config import CrawlConfig, ExtractConfig
 from flows.extract import shard_name
 from flows.guard import ENV, PathNotAllowed, confine
 from tasks.extract import extract_shard

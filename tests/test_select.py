@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.config import QualityConfig
+from core.config import QualityConfig
 from tasks import fasttext_model as ft
 from tasks.quality import _chunks, model_filename, score_quality, train_quality
 from tasks.select_io import method_of

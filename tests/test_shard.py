@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.extract import DOC_SCHEMA
-from tasks.io import write_parquet_atomic
+from core.io import write_parquet_atomic
 from tests.mix import build_docs
 
 VOCAB = 4096
@@ -28,7 +28,7 @@ def write_curated(out: Path, shards: int = 2) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(prefect_api, tmp_path_factory):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.shard import shard_flow
 
     base = tmp_path_factory.mktemp("shard")
@@ -122,7 +122,7 @@ def test_shards_load_in_pyarrow_duckdb_and_datasets_with_manifest_counts(sharded
 
 
 def test_corrupt_truncated_or_missing_shards_are_named(sharded, tmp_path):
-    from tasks.shard_format import ShardError, load_manifest, verify
+    from core.shard_format import ShardError, load_manifest, verify
 
     src = sharded[0] / "a"
     m = load_manifest(src)
@@ -148,7 +148,7 @@ def test_corrupt_truncated_or_missing_shards_are_named(sharded, tmp_path):
 
 
 def test_a_user_tokenizer_is_used_as_given(sharded, tmp_path):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.shard import shard_flow
 
     base, _, _ = sharded

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.config import BiasConfig, ToxicityConfig
+from core.config import BiasConfig, ToxicityConfig
 from tasks import fasttext_model as ft
 from tasks.quality import load_reference
 from tasks.toxicity import (COLUMNS, IDENTITY_TEMPLATES, REASON_SHARE, REASON_WORDLIST, calibration_path, judge,

@@ -23,7 +23,7 @@ BASE = {"preset": "tiny", "seq_len": 64, "batch_size": 4, "val_every": 1000, "va
 @pytest.fixture(scope="module")
 def shards(prefect_api, tmp_path_factory) -> Path:
     """Real text (WikiText articles, inaugural addresses, real pages) tokenized by `refinery shard`."""
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.shard import shard_flow
 
     base = tmp_path_factory.mktemp("train-data")
@@ -104,7 +104,7 @@ def test_each_architecture_learns_and_exports(shards, tmp_path, arch):
 def test_planner_and_trainer_derive_the_same_run_length(shards, arch, limit):
     """The preflight planner reads only the manifest, the trainer the data module: both must count
     the same steps (span corruption consumes more stream tokens per sequence than seq_len)."""
-    from flows.config import TrainConfig
+    from core.config import TrainConfig
     from models.architectures import OBJECTIVE
     from models.data import ShardDataModule
     from models.train import plan_steps, preflight
@@ -196,7 +196,7 @@ def test_killed_run_resumes_with_the_same_losses(shards, tmp_path):
 def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_api):
     from prefect.client.orchestration import get_client
 
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.train import train_flow
 
     held = tmp_path / "held.jsonl"
@@ -246,7 +246,7 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
 
 
 def test_planner_refuses_a_run_that_cannot_fit_before_launching(shards, tmp_path, prefect_api):
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.train import train_flow
     from models.planner import PlanError
 
@@ -306,7 +306,7 @@ def test_a_corrupt_or_missing_shard_fails_the_run_fast_naming_the_file(shards, t
     flow's error carries the shard's path."""
     import shutil
 
-    from flows.config import RefineryConfig
+    from core.config import RefineryConfig
     from flows.train import train_flow
 
     bad = tmp_path / "shards"

@@ -25,7 +25,7 @@ PERMANENT: tuple[type[BaseException], ...] = (
 
 
 def is_permanent(exc: BaseException | None) -> bool:
-    from tasks.shard_format import ShardError          # corrupt or missing shards stay corrupt
+    from core.shard_format import ShardError          # corrupt or missing shards stay corrupt
 
     permanent = PERMANENT + (ShardError,)
     if type(exc).__name__ == "NeedsCUDA":               # models.finetune's: no GPU appears on a retry

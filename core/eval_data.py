@@ -100,7 +100,7 @@ def _file_texts(f: Path) -> list[str]:
 def _shard_texts(shards: Path, split: str | None) -> list[str]:
     from tokenizers import Tokenizer
 
-    from tasks.shard_format import load_manifest
+    from core.shard_format import load_manifest
 
     manifest = load_manifest(shards)
     if split is None:

@@ -8,7 +8,7 @@
 manifest.json:
     {"format": "refinery-shards/1",
      "tokenizer": {"dir": "tokenizer", "sha256": <of tokenizer.json>, "vocab_size": int, "dtype": "uint16",
-                   "name": str, "fingerprint": <sha256 of vocabulary + merges: tasks.tokenizer.fingerprint>,
+                   "name": str, "fingerprint": <sha256 of vocabulary + merges: tokenizer_fingerprint below>,
                    "special_ids": {"eos": int, "pad": int, "mask": int}, "sentinel_ids": [int, ...]},
      "source": {"inputs": [str, ...], "sha256": str}, "config": {...},
      "splits": {"train": {"docs": int, "tokens": int, "files": [
@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.io import file_sha256
+from core.io import file_sha256
 
 FORMAT = "refinery-shards/1"
 SPLITS = ("train", "val")
@@ -99,7 +99,7 @@ def write_shard(doc_ids: list[str], ids: list, vocab_size: int, path: Path, root
     with row groups of about `row_group_tokens` tokens; returns its manifest entry."""
     import numpy as np
 
-    from tasks.io import atomic_path
+    from core.io import atomic_path
 
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     dtype = token_type(vocab_size)
@@ -122,3 +122,25 @@ def write_shard(doc_ids: list[str], ids: list, vocab_size: int, path: Path, root
                 w.write_table(table)
     return {"path": str(path.relative_to(root)), "sha256": file_sha256(path), "bytes": path.stat().st_size,
             "rows": len(ids), "tokens": int(offsets[-1]), "row_groups": groups}
+
+
+def tokenizer_fingerprint(hf) -> str:
+    """The identity of a tokenizer: sha256 of its vocabulary, merges and added tokens (not of a file:
+    the same tokenizer read from a .gguf, a tokenizer.json or a saved folder gets the same hash, so
+    shards and a base model can be compared wherever each came from)."""
+    import hashlib
+    import json
+
+    backend = getattr(hf, "backend_tokenizer", hf)      # a transformers tokenizer, or a `tokenizers` one
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    if vocab is None:                   # a model without a vocab field (never seen): the whole spec
+        vocab = {"spec": spec}
+    if isinstance(vocab, list):         # Unigram: [[piece, score], ...]
+        vocab = [[v[0], round(float(v[1]), 6)] for v in vocab]
+    blob = json.dumps({"type": model.get("type"), "vocab": vocab, "merges": merges, "added": added},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

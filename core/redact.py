@@ -20,7 +20,7 @@ this process creates. It hooks the record factory rather than a handler or logge
 records propagated from its children (prefect.flow_runs.*), so either would leave gaps. Records
 are scrubbed before any handler sees them: the console, Prefect's API log handler (the UI's
 logs), `log_prints` output and exception tracebacks alike. Operators who keep their own Prefect
-logging.yml can also name `flows.redact.SecretFilter` under `filters:` there.
+logging.yml can also name `core.redact.SecretFilter` under `filters:` there.
 
 Artifacts and JSON reports do not go through logging: build them with `redact()` /
 `redact_data()` wherever they may hold URLs, messages or config.
