@@ -13,15 +13,13 @@ def plan(args, cfg: RefineryConfig) -> int:
 
     from models import planner
 
-    t = cfg.train          # the effective config: flags override it, as for `refinery train`
-    keep = args.keep_ratio if args.keep_ratio is not None else cfg.curate.quality.target_keep_ratio
-    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-    p = planner.plan(params=args.params, tokens=args.tokens, gpu_memory_gb=args.gpu_memory,
-                     gpus=pick(args.gpus, t.devices), nodes=pick(args.nodes, t.nodes), hours=args.hours,
-                     gpu=args.gpu or t.gpu or "H100", precision=pick(args.precision, t.precision),
-                     strategy=pick(args.strategy, "fsdp" if t.strategy == "fsdp" else "ddp"), mfu=args.mfu,
-                     seq_len=pick(args.seq_len, t.seq_len), micro_batch=pick(args.micro_batch, t.batch_size),
-                     keep_ratio=keep, activation_checkpointing=args.activation_checkpointing or t.activation_checkpointing)
+    t = cfg.train          # the effective config: flags are overrides of it, as for `refinery train`
+    given = {"mfu": args.mfu} if args.mfu is not None else {}   # else the planner's own default
+    p = planner.plan(params=args.params, tokens=args.tokens, gpu_memory_gb=args.gpu_memory, gpus=t.devices,
+                     nodes=t.nodes, hours=args.hours, gpu=t.gpu or "H100", precision=t.precision,
+                     strategy="fsdp" if t.strategy == "fsdp" else "ddp", seq_len=t.seq_len, micro_batch=t.batch_size,
+                     keep_ratio=cfg.curate.quality.target_keep_ratio,
+                     activation_checkpointing=t.activation_checkpointing, **given)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
         return 0
@@ -71,9 +69,10 @@ def eval(args, cfg: RefineryConfig) -> int:  # noqa: A001 - the subcommand's nam
 
     from models.evaluate import evaluate, table, write_eval
 
-    if args.context < 1 or args.batch_size < 1:
-        raise ValueError("--context and --batch-size must be positive")
-    result = evaluate(args.model, args.data, context=args.context, batch_size=args.batch_size, device=args.device,
+    e = cfg.eval          # --data, --context, --batch-size, --device are its fields (validated there)
+    if not e.data:
+        raise ValueError("--data: name at least one data set (.txt, .jsonl, Parquet, a shard folder)")
+    result = evaluate(args.model, e.data, context=e.context, batch_size=e.batch_size, device=e.device,
                       base=args.base, show_progress=not args.no_progress and sys.stderr.isatty())
     path = write_eval(result, args.out)
     Console().print(table(result))

@@ -54,6 +54,11 @@ TOKENS_PER_PAGE = 1_000            # tokens of extracted text per crawled HTML p
 BYTES_PER_PAGE = 150_000           # uncompressed WARC bytes per page: Common Crawl's monthly crawls are
                                    # ~3 billion pages in ~400-450 TiB uncompressed, about 150 kB a page
 
+from core.config import QualityConfig
+
+# curation's keep target, defined once in the config (there it counts words; the plan applies it to tokens)
+KEEP_RATIO: float = QualityConfig.model_fields["target_keep_ratio"].default
+
 # Peak dense FLOP/s per device (no 2:4 sparsity), from NVIDIA's datasheets. "fp32" is the plain CUDA-core rate
 # that torch uses by default; "tf32" applies after torch.set_float32_matmul_precision("high"). 16-bit rates
 # are with fp32 accumulation (what torch uses; GeForce cards run fp16-accumulate at twice that).
@@ -343,7 +348,7 @@ def max_params_that_fit(device_memory_gb: float, vocab_size: int = DEFAULT_VOCAB
 
 # -- 5. crawl -----------------------------------------------------------------------------------------------
 
-def crawl_needed(tokens: float, keep_ratio: float = 0.02, tokens_per_page: float = TOKENS_PER_PAGE,
+def crawl_needed(tokens: float, keep_ratio: float = KEEP_RATIO, tokens_per_page: float = TOKENS_PER_PAGE,
                  bytes_per_page: float = BYTES_PER_PAGE) -> dict:
     """Crawl that yields `tokens` curated tokens when `keep_ratio` of the crawled tokens survive curation."""
     if not 0 < keep_ratio <= 1:
@@ -479,7 +484,7 @@ class Plan:
 def plan(params: float | None = None, tokens: float | None = None, gpu_memory_gb: float | None = None,
          gpus: int = 1, nodes: int = 1, hours: float | None = None, gpu: str = "H100",
          precision: str = "bf16-mixed", optimizer: str = "adamw", strategy: str = "ddp", mfu: float = 0.4,
-         seq_len: int = 2048, micro_batch: int = 1, keep_ratio: float | None = 0.02,
+         seq_len: int = 2048, micro_batch: int = 1, keep_ratio: float | None = KEEP_RATIO,
          activation_checkpointing: bool = False, arch_dims: ArchDims | dict | None = None,
          peak: float | None = None, tokens_per_page: float = TOKENS_PER_PAGE,
          bytes_per_page: float = BYTES_PER_PAGE) -> Plan:
@@ -489,7 +494,7 @@ def plan(params: float | None = None, tokens: float | None = None, gpu_memory_gb
     the table). With only gpu_memory_gb, the model is min(largest that fits, compute-optimal for `hours`).
     `gpu` "cpu" (or any unlisted device) needs `peak` FLOP/s for a time; "cpu" also has no CUDA context."""
     precision = _precision(precision)
-    keep_ratio = 0.02 if keep_ratio is None else keep_ratio
+    keep_ratio = KEEP_RATIO if keep_ratio is None else keep_ratio
     world = gpus * nodes
     if world < 1 or not 0 < mfu <= 1:
         raise ValueError(f"need gpus * nodes >= 1 and 0 < mfu <= 1, got {gpus} x {nodes}, mfu {mfu}")
