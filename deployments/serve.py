@@ -5,6 +5,9 @@
     crawl          on the cron schedule of `serve.crawl_cron` (UTC), seeds and output from the config
     extract, curate, shard, train, finetune, data-to-model     triggered from the UI, the CLI or the REST API
 
+The list itself (names, entrypoints, descriptions, tags) is prefect.yaml's `deployments:`, read here, so
+`prefect deploy` and `refinery serve` offer the same deployments.
+
 Parameters are typed (pydantic), and every deployment enforces its parameter schema: the server
 answers 422 to a run with a wrong parameter, so no run is created that would crash on it.
 `train` and `finetune` take the `refinery-gpu` global concurrency limit (1 slot, created here): two
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")      # the client's telemetry and its first-run banner
 
-GPU_LIMIT = "refinery-gpu"
+PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 ENV = "REFINERY_DATA_ROOTS"     # flows.guard.ENV, without importing flows before the path is set
 
 
@@ -42,36 +45,46 @@ def closed(deployment):
     return deployment
 
 
+def catalog() -> list[dict]:
+    """The deployments, defined once in prefect.yaml (name, entrypoint, description, tags): serving them
+    from this process changes where they run and their defaults, not what they are."""
+    import yaml
+
+    return yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
+
+
+def load_flow(entrypoint: str):
+    """'flows/crawl.py:crawl_flow' -> the flow object (imported as a module of this package)."""
+    import importlib
+
+    path, name = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
 def build_deployments(cfg) -> list:
     from prefect.events import DeploymentEventTrigger
 
-    from flows.crawl import crawl_flow
-    from flows.curate import curate_flow
-    from flows.extract import extract_flow, with_concurrency
-    from flows.pipeline import data_to_model
-    from flows.shard import shard_flow
-    from flows.train import finetune_flow, train_flow
+    from flows.extract import with_concurrency
 
     config = cfg.model_dump(mode="json")       # the served config is every deployment's default
-    data = ["data"]
     s = cfg.serve
-    chain = [DeploymentEventTrigger(
-        name="train on new shards", expect={"refinery.shard.completed"},
-        parameters={"shards_dir": "{{ event.payload.out_dir }}", "out_dir": "{{ event.payload.out_dir }}-train"},
-    )] if s.chain_train else None
-    return [closed(d) for d in [
-        with_concurrency(crawl_flow, cfg).to_deployment(
-            "crawl", cron=s.crawl_cron, tags=data, description="Polite crawl of the seed list into WARC",
-            parameters={"seeds_file": s.crawl_seeds, "out_dir": s.crawl_out, "config": config}),
-        with_concurrency(extract_flow, cfg).to_deployment("extract", tags=data, parameters={"config": config}),
-        with_concurrency(curate_flow, cfg).to_deployment("curate", tags=data, parameters={"config": config}),
-        with_concurrency(shard_flow, cfg).to_deployment("shard", tags=data, parameters={"config": config}),
-        train_flow.to_deployment("train", tags=["train"], parameters={"config": config}, triggers=chain),
-        finetune_flow.to_deployment("finetune", tags=["train"], parameters={"config": config}),
-        with_concurrency(data_to_model, cfg).to_deployment(
-            "data-to-model", tags=data + ["train"], parameters={"config": config},
-            description="crawl demo -> extract -> curate -> shard -> train, on the bundled sample by default"),
-    ]]
+    own = {    # what serving adds to prefect.yaml's entries: the config's schedule, seeds and chaining
+        "crawl": dict(cron=s.crawl_cron, parameters={"seeds_file": s.crawl_seeds, "out_dir": s.crawl_out}),
+        "train": dict(triggers=[DeploymentEventTrigger(
+            name="train on new shards", expect={"refinery.shard.completed"},
+            parameters={"shards_dir": "{{ event.payload.out_dir }}",
+                        "out_dir": "{{ event.payload.out_dir }}-train"})] if s.chain_train else None),
+    }
+    out = []
+    for d in catalog():
+        flow = load_flow(d["entrypoint"])
+        if "gpu" not in d["tags"]:             # data stages: their shard tasks' runner and concurrency
+            flow = with_concurrency(flow, cfg)
+        extra = dict(own.get(d["name"], {}))
+        params = {**extra.pop("parameters", {}), "config": config}
+        out.append(closed(flow.to_deployment(d["name"], tags=d["tags"], description=d["description"],
+                                             parameters=params, **extra)))
+    return out
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:
@@ -79,6 +92,8 @@ def ensure_gpu_limit(slots: int = 1) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.train import GPU_LIMIT
 
     with get_client(sync_client=True) as client:
         try:

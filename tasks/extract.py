@@ -21,10 +21,10 @@ import pyarrow as pa
 from core.config import ExtractConfig
 from tasks.decode import DecodeError, decode_content, decode_text, dechunk
 from core.io import write_parquet_atomic
+from core.media import EXTRACTABLE_TYPES, media_type
 from tasks.warc import ReadStats, Record, file_problem, iter_records, looks_like_warc
 from tasks.workers import ItemFailed, borrow_pool
 
-HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xml", "text/xml", "")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 # in a folder, a file named like a WARC is an input even when its content is not one, so a
 # damaged file is counted (as a rejection of the whole file) instead of silently skipped
@@ -167,8 +167,8 @@ def decode_payload(rec: Record, cfg: ExtractConfig) -> tuple[str, str, str | Non
     h = rec.http_headers
     if rec.status is not None and not 200 <= rec.status < 300:
         raise DecodeError("http status", str(rec.status))
-    ctype = h.get("content-type", "").split(";")[0].strip().lower()
-    if rec.record_type != "conversion" and ctype not in HTML_TYPES:
+    ctype = media_type(h.get("content-type"))
+    if rec.record_type != "conversion" and ctype not in EXTRACTABLE_TYPES:
         raise DecodeError("not html", ctype)
     body = rec.payload
     if "chunked" in h.get("transfer-encoding", "").lower():

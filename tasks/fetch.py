@@ -38,6 +38,7 @@ from protego import Protego
 from core.config import CrawlConfig
 from tasks.decode import DecodeError, decode_content
 from core.io import TMP_PREFIX, write_parquet_atomic
+from core.media import HTML_TYPES, media_type
 from tasks.netguard import RefusedAddress, check_url_allowed, is_forbidden_ip
 from tasks.urls import extract_links, normalize_url, same_site
 from tasks.warc_writer import OPEN_SUFFIX, RotatingWarcWriter, repair_open_file
@@ -50,7 +51,6 @@ OUTCOMES = ("fetched", "robots", "http error", "too large", "wrong type", "refus
 REDIRECTS = {301, 302, 303, 307, 308}
 ROBOTS_MAX_BYTES = 512 * 1024      # RFC 9309 asks parsers to read at least 500 KiB
 DEADLINE_FACTOR = 5                # whole-request limit = timeout_s * this (stops drip-feeding servers)
-HTML_TYPES = {"text/html", "application/xhtml+xml"}
 # Retry what may go away by itself; a malformed request or URL will not.
 RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, OSError)
 
@@ -133,10 +133,6 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
-
-
-def media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> bytes | None:
