@@ -104,10 +104,10 @@ def _shard_texts(shards: Path, split: str | None) -> list[str]:
 
     manifest = load_manifest(shards)
     if split is None:
-        split = "val" if manifest["splits"].get("val", {}).get("docs", 0) else "train"
-    tok = Tokenizer.from_file(str(shards / manifest["tokenizer"]["dir"] / "tokenizer.json"))
+        split = "val" if manifest.split("val").docs else "train"
+    tok = Tokenizer.from_file(str(shards / manifest.tokenizer.dir / "tokenizer.json"))
     texts = []
-    for entry in manifest["splits"][split]["files"]:
-        ids = pq.read_table(shards / entry["path"], columns=["input_ids"]).column("input_ids").to_pylist()
+    for entry in manifest.split(split).files:
+        ids = pq.read_table(shards / entry.path, columns=["input_ids"]).column("input_ids").to_pylist()
         texts += tok.decode_batch(ids, skip_special_tokens=False)
     return [t for t in texts if t.strip()]

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.io import file_sha256
 
@@ -52,45 +54,107 @@ class ShardError(RuntimeError):
     """A shard directory that cannot be trusted; the message names the file."""
 
 
-def load_manifest(data_dir: str | Path) -> dict:
+class _Record(BaseModel):
+    # keys a later version adds survive a read and rewrite; the ones named here are checked
+    model_config = ConfigDict(extra="allow")
+
+
+class ShardFile(_Record):
+    path: str                          # relative to the shard folder
+    sha256: str
+    bytes: int
+    rows: int
+    tokens: int
+    row_groups: list[int] | None = None   # rows per group (absent in the oldest manifests)
+
+
+class Split(_Record):
+    docs: int = 0
+    tokens: int = 0
+    files: list[ShardFile] = Field(default_factory=list)
+
+
+class TokenizerEntry(_Record):
+    dir: str
+    sha256: str
+    vocab_size: int
+    dtype: str = "uint16"
+    trained: bool | None = None
+    name: str | None = None
+    fingerprint: str | None = None     # absent before names and fingerprints were recorded
+    special_ids: dict[str, int | None]
+    sentinel_ids: list[int] = Field(default_factory=list)
+
+
+class Manifest(_Record):
+    """manifest.json, read and written only here (the layout is in the module docstring)."""
+    format: str = FORMAT
+    tokenizer: TokenizerEntry
+    source: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    splits: dict[str, Split]
+    totals: dict[str, int] = Field(default_factory=dict)
+    tokenizer_report: dict[str, Any] = Field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        """A split, empty when the manifest has none of that name."""
+        return self.splits.get(name) or Split()
+
+    def files(self) -> list[ShardFile]:
+        return [f for s in self.splits.values() for f in s.files]
+
+    def write(self, data_dir: str | Path) -> Path:
+        from core.io import write_text_atomic
+
+        path = Path(data_dir) / "manifest.json"
+        write_text_atomic(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", path)
+        return path
+
+
+def load_manifest(data_dir: str | Path) -> Manifest:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise ShardError(f"{path}: no manifest (not a shard directory, or `refinery shard` did not finish)")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ShardError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ShardError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def verify(data_dir: str | Path, manifest: dict, splits: tuple[str, ...] = SPLITS, full: bool = True) -> None:
+def verify(data_dir: str | Path, manifest: Manifest, splits: tuple[str, ...] = SPLITS, full: bool = True) -> None:
     """Check every file the manifest lists: present, of its size, with its sha256 (if `full`),
     and a readable Parquet footer with its row count. Raises ShardError naming the file."""
     root = Path(data_dir)
-    tok = manifest["tokenizer"]
-    tok_file = root / tok["dir"] / "tokenizer.json"
+    tok = manifest.tokenizer
+    tok_file = root / tok.dir / "tokenizer.json"
     if not tok_file.is_file():
         raise ShardError(f"{tok_file}: tokenizer missing")
-    if full and file_sha256(tok_file) != tok["sha256"]:
+    if full and file_sha256(tok_file) != tok.sha256:
         raise ShardError(f"{tok_file}: sha256 does not match the manifest (tokenizer changed after sharding)")
     for split in splits:
-        for f in manifest["splits"].get(split, {}).get("files", []):
-            path = root / f["path"]
+        for f in manifest.split(split).files:
+            path = root / f.path
             if not path.is_file():
                 raise ShardError(f"{path}: shard missing")
             size = path.stat().st_size
-            if size != f["bytes"]:
-                raise ShardError(f"{path}: {size} bytes, manifest says {f['bytes']} (truncated or replaced)")
-            if full and file_sha256(path) != f["sha256"]:
+            if size != f.bytes:
+                raise ShardError(f"{path}: {size} bytes, manifest says {f.bytes} (truncated or replaced)")
+            if full and file_sha256(path) != f.sha256:
                 raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
             except Exception as e:  # noqa: BLE001 - any unreadable footer is the same finding
                 raise ShardError(f"{path}: not a readable Parquet file ({e})") from None
-            if rows != f["rows"]:
-                raise ShardError(f"{path}: {rows} rows, manifest says {f['rows']}")
+            if rows != f.rows:
+                raise ShardError(f"{path}: {rows} rows, manifest says {f.rows}")
 
 
 def write_shard(doc_ids: list[str], ids: list, vocab_size: int, path: Path, root: Path,

@@ -105,8 +105,8 @@ def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", c
         result = run_train(str(vdir / "shard"), str(vdir / "train"), scfg)
         score = json.loads((vdir / "train" / "eval.json").read_text())["datasets"]
         held = score[set_name(heldout)]
-        unique = manifest["splits"]["train"]["tokens"]
-        rows.append({"variant": name, "docs": manifest["splits"]["train"]["docs"], "words": kept_words
+        unique = manifest.split("train").tokens
+        rows.append({"variant": name, "docs": manifest.split("train").docs, "words": kept_words
                      if kept_words is not None else extracted_words, "train_tokens": unique,
                      "tokens_seen": result["tokens_seen"], "epochs": round(result["tokens_seen"] / max(unique, 1), 2),
                      "heldout_bits_per_byte": round(held["bits_per_byte"], 4), "final_train_loss": result["final_loss"]})

@@ -85,8 +85,9 @@ def eval_stage(out: Path, result: dict, shards_dir: str, config: RefineryConfig)
 
 
 def _has_val(shards_dir: str) -> bool:
+    from core.shard_format import ShardError, load_manifest
+
     try:
-        manifest = json.loads((Path(shards_dir) / "manifest.json").read_text())
-        return manifest["splits"]["val"]["docs"] > 0
-    except (OSError, KeyError, ValueError):
+        return load_manifest(shards_dir).split("val").docs > 0
+    except ShardError:
         return False

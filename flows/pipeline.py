@@ -54,12 +54,12 @@ def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None,
     trained = run_train(str(out / "shard"), str(out / "train"), train_cfg)
     log.info("done: %d pages -> %d documents -> kept %d (%.2f%% of tokens) -> %d training tokens -> "
              "%s %s, val loss %s, exported to %s", extract["pages"], extract["docs"], funnel["kept"]["docs"],
-             100 * funnel["kept_token_ratio"], manifest["splits"]["train"]["tokens"], trained["arch"],
+             100 * funnel["kept_token_ratio"], manifest.split("train").tokens, trained["arch"],
              trained["preset"], trained["val_loss"], trained.get("export"))
     return {"crawl": crawl, "extract": {k: v for k, v in extract.items() if k != "shards"},
             "curate": {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")},
-            "shard": {"vocab_size": manifest["tokenizer"]["vocab_size"],
-                      **{s: {k: v[k] for k in ("docs", "tokens")} for s, v in manifest["splits"].items()}},
+            "shard": {"vocab_size": manifest.tokenizer.vocab_size,
+                      **{s: {"docs": v.docs, "tokens": v.tokens} for s, v in manifest.splits.items()}},
             "train": {k: trained.get(k) for k in ("arch", "preset", "params", "steps", "tokens_seen", "first_loss",
                                                   "final_loss", "val_loss_start", "val_loss", "val_ppl", "export")}}
 

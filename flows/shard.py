@@ -22,8 +22,8 @@ from core.config import RefineryConfig, ShardConfig
 from flows.guard import confine
 from core.retry import retry_options
 from tasks import shard as steps
-from core.io import exclusive_dir, file_sha256, write_text_atomic
-from core.shard_format import FORMAT, SPLITS
+from core.io import exclusive_dir, file_sha256
+from core.shard_format import SPLITS, Manifest, Split, TokenizerEntry
 
 
 @task(name="shard-tokenizer", cache_key_fn=shard_cache_key, persist_result=True)
@@ -54,12 +54,12 @@ def curated_docs(input_dir: str) -> list[Path]:
     return docs
 
 
-def run_shard(input_dir: str, out_dir: str, config: RefineryConfig) -> dict:
+def run_shard(input_dir: str, out_dir: str, config: RefineryConfig) -> Manifest:
     with exclusive_dir(out_dir):   # one writer per folder; what a killed run left half-written is swept
         return _shard(input_dir, Path(out_dir), config)
 
 
-def _shard(input_dir: str, out: Path, config: RefineryConfig) -> dict:
+def _shard(input_dir: str, out: Path, config: RefineryConfig) -> Manifest:
     log = get_run_logger()
     cfg, runner = config.shard, config.runner
     opts = retry_options(runner)
@@ -78,46 +78,44 @@ def _shard(input_dir: str, out: Path, config: RefineryConfig) -> dict:
                       on_result=progress.phase("shard-progress", "shard: tokenize"), **opts)
     manifest = build_manifest(out, docs, shas, tok, done, cfg)
     remove_unlisted(out, manifest)
-    write_text_atomic(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
+    manifest.write(out)
     report(out, manifest, tok)
     # what `serve.chain_train` listens for: a deployment trigger starts training on these shards
     emit_event("refinery.shard.completed", resource={"prefect.resource.id": f"refinery.shards.{out.resolve()}"},
-               payload={"out_dir": str(out.resolve()), "train_tokens": manifest["splits"]["train"]["tokens"]})
+               payload={"out_dir": str(out.resolve()), "train_tokens": manifest.split("train").tokens})
     return manifest
 
 
-def build_manifest(out: Path, docs: list[Path], shas: dict, tok: dict, done: list[dict], cfg: ShardConfig) -> dict:
+def build_manifest(out: Path, docs: list[Path], shas: dict, tok: dict, done: list[dict], cfg: ShardConfig) -> Manifest:
     splits = {}
     for split in SPLITS:
         files = [d["files"][split] for d in done]
-        splits[split] = {"docs": sum(f["rows"] for f in files), "tokens": sum(f["tokens"] for f in files),
-                         "files": files}
+        splits[split] = Split(docs=sum(f["rows"] for f in files), tokens=sum(f["tokens"] for f in files), files=files)
     vocab = tok["vocab_size"]
-    return {
-        "format": FORMAT,
-        "tokenizer": {"dir": tok["dir"], "sha256": tok["sha256"], "vocab_size": vocab, "trained": tok["trained"],
-                      "name": tok["name"], "fingerprint": tok["fingerprint"],
-                      "dtype": "uint16" if vocab <= 1 << 16 else "uint32", "special_ids": tok["special_ids"],
-                      "sentinel_ids": tok["sentinel_ids"]},
-        "source": {"inputs": [{"path": str(p.resolve()), "sha256": shas[p]} for p in docs]},
-        "config": cfg.model_dump(mode="json"),
-        "splits": splits,
-        "totals": {"docs": sum(s["docs"] for s in splits.values()), "tokens": sum(s["tokens"] for s in splits.values()),
-                   "empty_docs_skipped": sum(d["empty_docs"] for d in done)},
-        "tokenizer_report": tok["report"],
-    }
+    return Manifest(
+        tokenizer=TokenizerEntry(dir=tok["dir"], sha256=tok["sha256"], vocab_size=vocab, trained=tok["trained"],
+                                 name=tok["name"], fingerprint=tok["fingerprint"],
+                                 dtype="uint16" if vocab <= 1 << 16 else "uint32", special_ids=tok["special_ids"],
+                                 sentinel_ids=tok["sentinel_ids"]),
+        source={"inputs": [{"path": str(p.resolve()), "sha256": shas[p]} for p in docs]},
+        config=cfg.model_dump(mode="json"),
+        splits=splits,
+        totals={"docs": sum(s.docs for s in splits.values()), "tokens": sum(s.tokens for s in splits.values()),
+                "empty_docs_skipped": sum(d["empty_docs"] for d in done)},
+        tokenizer_report=tok["report"],
+    )
 
 
-def remove_unlisted(out: Path, manifest: dict) -> None:
+def remove_unlisted(out: Path, manifest: Manifest) -> None:
     """Shards of an earlier run on other input would otherwise sit beside the listed ones."""
-    listed = {f["path"] for s in manifest["splits"].values() for f in s["files"]}
+    listed = {f.path for f in manifest.files()}
     for split in SPLITS:
         for p in (out / split).glob("*.parquet"):
             if str(p.relative_to(out)) not in listed:
                 p.unlink()
 
 
-def report(out: Path, manifest: dict, tok: dict) -> None:
+def report(out: Path, manifest: Manifest, tok: dict) -> None:
     rep = tok["report"]
     ours, gen = rep["held_out"]["ours"], rep["held_out"]["general"]
 
@@ -126,21 +124,21 @@ def report(out: Path, manifest: dict, tok: dict) -> None:
 
     words = ", ".join(f"`{w['word']}` ({w['general_tokens']})" for w in rep["domain_words"][:20]) or "none found"
     md = [f"# Tokenized shards in `{out}`",
-          f"Tokenizer: vocabulary {manifest['tokenizer']['vocab_size']}, "
+          f"Tokenizer: vocabulary {manifest.tokenizer.vocab_size}, "
           f"{'trained on the kept text' if tok['trained'] else 'given by the user'}.", "",
           "| split | documents | tokens | files |", "|---|---:|---:|---:|"]
-    md += [f"| {s} | {v['docs']} | {v['tokens']} | {len(v['files'])} |" for s, v in manifest["splits"].items()]
+    md += [f"| {s} | {v.docs} | {v.tokens} | {len(v.files)} |" for s, v in manifest.splits.items()]
     md += ["", f"Compression on {ours['texts']} held-out kept documents (characters per token, higher is better): "
                f"**ours {cpt(ours)}**, general {cpt(gen)} ({rep['general_tokenizer']}).", "",
            f"Domain words ours keeps whole that the general tokenizer splits (pieces): {words}"]
     create_markdown_artifact(key="tokenizer-report", markdown="\n".join(md), description="Tokenizer and shards")
-    create_table_artifact(key="shard-files", table=[{"split": s, **{k: f[k] for k in ("path", "rows", "tokens")}}
-                                                    for s, v in manifest["splits"].items() for f in v["files"]],
+    create_table_artifact(key="shard-files", table=[{"split": s, "path": f.path, "rows": f.rows, "tokens": f.tokens}
+                                                    for s, v in manifest.splits.items() for f in v.files],
                           description="Tokenized shards")
 
 
 @flow(name="shard", log_prints=True)
-def shard_flow(input_dir: str, out_dir: str, config: RefineryConfig | None = None) -> dict:
+def shard_flow(input_dir: str, out_dir: str, config: RefineryConfig | None = None) -> Manifest:
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"input_dir": input_dir}, config=cfg)
     return run_shard(input_dir, out_dir, cfg)

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.shard_format import ShardError, load_manifest, verify as verify_shards
+from core.shard_format import Manifest, ShardError, load_manifest, verify as verify_shards
 
 IGNORE = -100                      # label of positions without a loss (torch's cross_entropy default)
 OBJECTIVES = ("causal", "mlm", "span")
@@ -75,13 +75,13 @@ class Units:
     fingerprint: str               # identifies the shard set (resume refuses another one)
 
 
-def load_units(root: Path, manifest: dict, split: str) -> Units:
+def load_units(root: Path, manifest: Manifest, split: str) -> Units:
     """Read the `n_tokens` column of every file (4 bytes per document) to size every row group.
     Cheap next to training, and it lets every rank plan the epoch without reading tokens."""
-    files = manifest["splits"].get(split, {}).get("files", [])
+    files = manifest.split(split).files
     paths, ufile, ugroup, ulen = [], [], [], []
     for fi, f in enumerate(files):
-        path = root / f["path"]
+        path = root / f.path
         try:
             pf = pq.ParquetFile(path)
             lens = [pf.read_row_group(g, columns=["n_tokens"]).column(0).to_numpy()
@@ -89,13 +89,13 @@ def load_units(root: Path, manifest: dict, split: str) -> Units:
         except Exception as e:  # noqa: BLE001 - unreadable is one finding, whatever pyarrow calls it
             raise ShardError(f"{path}: cannot read the n_tokens column ({e})") from None
         rows = [len(x) for x in lens]
-        if [r for r in rows if r] != [r for r in f.get("row_groups", rows) if r]:
-            raise ShardError(f"{path}: row groups {rows}, manifest says {f.get('row_groups')}")
+        if [r for r in rows if r] != [r for r in (f.row_groups or rows) if r]:
+            raise ShardError(f"{path}: row groups {rows}, manifest says {f.row_groups}")
         paths.append(str(path))
         for g, x in enumerate(lens):
             if len(x):             # an empty split is written as one empty group: nothing to read
                 ufile.append(fi), ugroup.append(g), ulen.append(int(x.sum()) + len(x))
-    h = hashlib.sha256(json.dumps([(f["path"], f["sha256"]) for f in files]).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([(f.path, f.sha256) for f in files]).encode()).hexdigest()[:16]
     return Units(paths, np.array(ufile, np.int64), np.array(ugroup, np.int64), np.array(ulen, np.int64), h)
 
 
@@ -495,7 +495,7 @@ class ShardDataModule(L.LightningDataModule):
         self.mean_span_length = mean_span_length
         self.even_batches, self.prefetch_factor = even_batches, prefetch_factor
         self._rank, self._world = rank, world_size
-        self.manifest: dict | None = None
+        self.manifest: Manifest | None = None
         self.units: dict[str, Units] = {}
         self._loaders: dict[str, ShardLoader] = {}
         self._plans: dict = {}
@@ -507,11 +507,11 @@ class ShardDataModule(L.LightningDataModule):
         manifest = load_manifest(self.data_dir)
         if self.verify != "none":
             verify_shards(self.data_dir, manifest, full=self.verify == "full")
-        tok = manifest["tokenizer"]
-        ids = tok["special_ids"]
-        self.vocab_size = int(tok["vocab_size"])
+        tok = manifest.tokenizer
+        ids = tok.special_ids
+        self.vocab_size = tok.vocab_size
         self.eos_id, self.pad_id, self.mask_id = ids["eos"], ids.get("pad", ids["eos"]), ids.get("mask")
-        self.sentinel_ids = list(tok.get("sentinel_ids") or [])
+        self.sentinel_ids = list(tok.sentinel_ids)
         if self.pad_id is None:
             self.pad_id = self.eos_id
         if self.objective == "mlm" and self.mask_id is None:

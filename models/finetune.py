@@ -128,9 +128,9 @@ def check_shards_tokenizer(shards_dir: str | Path, base: str | Path, base_tokeni
     from core.shard_format import load_manifest, tokenizer_fingerprint
 
     manifest = load_manifest(shards_dir)
-    info = manifest["tokenizer"]
-    theirs = info.get("fingerprint") or tokenizer_fingerprint(
-        Tokenizer.from_file(str(Path(shards_dir) / info["dir"] / "tokenizer.json")))   # an older manifest
+    info = manifest.tokenizer
+    theirs = info.fingerprint or tokenizer_fingerprint(
+        Tokenizer.from_file(str(Path(shards_dir) / info.dir / "tokenizer.json")))   # an older manifest
     if base_tokenizer is None:
         folder, gguf = resolve_base(base)
         _gguf_guard(gguf, folder)
@@ -140,11 +140,11 @@ def check_shards_tokenizer(shards_dir: str | Path, base: str | Path, base_tokeni
     ours = tokenizer_fingerprint(base_tokenizer)
     if ours == theirs:
         return ours
-    inputs = manifest.get("source", {}).get("inputs") or []
+    inputs = manifest.source.get("inputs") or []
     src = str(Path(inputs[0]["path"]).parent) if inputs else "CURATED"
     raise TokenizerMismatch(
-        f"{shards_dir}: the shards were tokenized with {info.get('name') or 'another tokenizer'} "
-        f"({info['vocab_size']:,} ids, fingerprint {theirs[:12]}), but the base {base} uses its own tokenizer "
+        f"{shards_dir}: the shards were tokenized with {info.name or 'another tokenizer'} "
+        f"({info.vocab_size:,} ids, fingerprint {theirs[:12]}), but the base {base} uses its own tokenizer "
         f"({len(base_tokenizer):,} ids, fingerprint {ours[:12]}): its ids would mean other words. Make shards "
         f"with the base's tokenizer:\n    refinery shard {src} --out SHARDS --tokenizer {base}")
 

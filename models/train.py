@@ -200,13 +200,13 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     from core.shard_format import load_manifest
 
     manifest = load_manifest(shards_dir)
-    tok = manifest["tokenizer"]
+    tok = manifest.tokenizer
     world = cfg.devices * cfg.nodes
     # fine-tuning: the base's architecture is unknown until it loads; its objective is causal or mlm
     objective = "causal" if ft is not None and ft.base else OBJECTIVE[cfg.arch]
     step = stream_step(shards_dir, cfg, objective)
     per_step = cfg.batch_size * step * world * cfg.accumulate
-    steps, _ = plan_steps(cfg, step, manifest["splits"]["train"]["tokens"], world)
+    steps, _ = plan_steps(cfg, step, manifest.split("train").tokens, world)
     if ft is not None and ft.base:
         from models import finetune
 
@@ -215,8 +215,8 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
         finetune.check_shards_tokenizer(shards_dir, ft.base)
         return {"summary": f"fine-tuning {ft.base} with {ft.method}: {steps} steps of {per_step:,} tokens",
                 "max_steps": steps}
-    ids = tok["special_ids"]
-    config = make_config(cfg.arch, cfg.preset, tok["vocab_size"], cfg.seq_len,
+    ids = tok.special_ids
+    config = make_config(cfg.arch, cfg.preset, tok.vocab_size, cfg.seq_len,
                          {"eos": ids["eos"], "pad": ids.get("pad"), "mask": ids.get("mask")})
     gpu, mem = available_memory_gb(cfg)
     peak = cfg.peak_flops
@@ -273,7 +273,7 @@ def run(spec: dict) -> dict:
     world = cfg.devices * cfg.nodes
     if not ft.base:
         preflight(str(data_dir), cfg)       # also here: the entry point may be launched without the flow
-    max_steps, epoch_batches = plan_steps(cfg, dm.step, dm.manifest["splits"]["train"]["tokens"], world)
+    max_steps, epoch_batches = plan_steps(cfg, dm.step, dm.manifest.split("train").tokens, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
     module = LMModule(model, objective, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                       warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio, seq_len=cfg.seq_len,
@@ -300,7 +300,7 @@ def run(spec: dict) -> dict:
         enable_progress_bar=bool(spec.get("progress_bar", False)), enable_model_summary=False,
         default_root_dir=str(out))
     t0 = time.time()
-    has_val = dm.manifest["splits"]["val"]["tokens"] > 0
+    has_val = dm.manifest.split("val").tokens > 0
     if has_val and not resume:
         # step 0, before any update: the base (or the untrained model) on the same validation batches,
         # so the summary shows what training gained, not only where it ended

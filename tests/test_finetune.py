@@ -286,7 +286,7 @@ def test_smollm2_lora_lowers_validation_loss_on_domain_text(prefect_api, smollm2
     t["train_3_steps"] = time.perf_counter() - t0
     after = eval_loss(model, "causal", val)
     print(f"\nSmolLM2-135M LoRA r=8 on raw WikiText ({sum(map(len, docs)) // 1000} KB, "
-          f"{dm.manifest['splits']['train']['tokens']} train tokens): {report}\n"
+          f"{dm.manifest.split('train').tokens} train tokens): {report}\n"
           f"val loss {before:.4f} -> {after:.4f} on {3 * 4 * 128} tokens; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     assert 1.0 < before < 6.0           # a pretrained model: far below log(49152) = 10.8

@@ -127,7 +127,7 @@ def test_corrupt_truncated_or_missing_shards_are_named(sharded, tmp_path):
     src = sharded[0] / "a"
     m = load_manifest(src)
     verify(src, m)
-    rel = m["splits"]["train"]["files"][0]["path"]
+    rel = m.split("train").files[0].path
     for damage in ("truncate", "flip", "remove"):
         d = tmp_path / damage
         shutil.copytree(src, d)
@@ -155,7 +155,7 @@ def test_a_user_tokenizer_is_used_as_given(sharded, tmp_path):
     given = base / "a" / "tokenizer"
     cfg = RefineryConfig.model_validate({"shard": {"tokenizer_path": str(given), "val_fraction": 0.05}})
     m = shard_flow(str(base / "curated"), str(tmp_path / "u"), cfg)
-    assert m["tokenizer"]["trained"] is False
+    assert m.tokenizer.trained is False
     assert (tmp_path / "u" / "tokenizer" / "tokenizer.json").read_bytes() == (given / "tokenizer.json").read_bytes()
     a = pq.read_table(base / "a" / "val").sort_by("doc_id")
     b = pq.read_table(tmp_path / "u" / "val").sort_by("doc_id")

@@ -112,7 +112,7 @@ def test_planner_and_trainer_derive_the_same_run_length(shards, arch, limit):
     cfg = TrainConfig(**{**BASE, "arch": arch, **limit})
     dm = ShardDataModule(str(shards), seq_len=cfg.seq_len, batch_size=cfg.batch_size, objective=OBJECTIVE[arch])
     dm.setup()
-    trainer_steps, _ = plan_steps(cfg, dm.step, dm.manifest["splits"]["train"]["tokens"], 1)
+    trainer_steps, _ = plan_steps(cfg, dm.step, dm.manifest.split("train").tokens, 1)
     assert preflight(str(shards), cfg)["max_steps"] == trainer_steps
     if arch == "encoder-decoder":
         assert dm.step > cfg.seq_len
