@@ -38,7 +38,8 @@ from core.config import RefineryConfig, absolute_paths
 from flows.guard import confine
 from core.redact import redact
 from core.retry import PermanentError, retry_options
-from core.io import atomic_path, exclusive_dir, write_text_atomic
+from core.io import atomic_path, exclusive_dir
+from core.run_spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 _PREFECT_SECRETS = {"PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"}
@@ -94,10 +95,9 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def run_fingerprint(spec: dict, shards_sha256: str) -> str:
+def run_fingerprint(spec: RunSpec, shards_sha256: str) -> str:
     """What a training run's checkpoints depend on: the shards, the spec (but `resume`) and the code."""
-    spec = {k: v for k, v in spec.items() if k not in ("resume", "fingerprint")}
-    parts = [shards_sha256, json.dumps(spec, sort_keys=True), code_version("core", "models", "flows", "tasks")]
+    parts = [shards_sha256, spec.identity(), code_version("core", "models", "flows", "tasks")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
@@ -143,31 +143,30 @@ def same_run(out: Path, fingerprint: str) -> bool:
 
 
 @task(name="train", cache_key_fn=train_cache_key, persist_result=True)
-def train_task(spec: dict, shards_sha256: str) -> dict:
+def train_task(spec: RunSpec, shards_sha256: str) -> dict:
     log = get_run_logger()
-    out = Path(spec["out_dir"])
+    out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = get_run_context()
     fingerprint = run_fingerprint(spec, shards_sha256)
     # a retry resumes; so does the first attempt of a rerun, if a killed run left this run's checkpoint
-    resume = restore_last_checkpoint(out) and (bool(spec.get("resume")) or ctx.task_run.run_count > 1
+    resume = restore_last_checkpoint(out) and (spec.resume or ctx.task_run.run_count > 1
                                                or same_run(out, fingerprint))
     if resume:
         log.info("resuming from %s", out / "checkpoints" / "last.ckpt")
-    spec = {**spec, "resume": resume, "fingerprint": fingerprint}
-    spec_path = out / "run.json"
-    write_text_atomic(json.dumps(spec, indent=2), spec_path)
+    spec = spec.model_copy(update={"resume": resume, "fingerprint": fingerprint})
+    spec_path = spec.write(out / "run.json")
     (out / "result.json").unlink(missing_ok=True)
     (out / "error.json").unlink(missing_ok=True)
-    t = spec["train"]
-    cmd = launch_command(spec_path, t.get("devices", 1), t.get("nodes", 1))
+    t = spec.train
+    cmd = launch_command(spec_path, t.devices, t.nodes)
     log.info("launching: %s", " ".join(cmd))
     # the trainer never talks to Prefect: its credentials and database URL stay out of its environment
     env = {k: v for k, v in os.environ.items()
            if not (k in _PREFECT_SECRETS or (k.startswith("PREFECT_") and "DATABASE" in k))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env.setdefault("TQDM_DISABLE", "1")     # train.log holds the trainer's messages, not progress bars
-    shown = progress.TrainProgress("train-progress", spec.get("max_steps_hint"), t.get("progress_every_s", 30.0), log)
+    shown = progress.TrainProgress("train-progress", spec.max_steps_hint, t.progress_every_s, log)
     tail = MetricsTail(out / "metrics.jsonl")
     with open(out / "train.log", "ab") as logf:
         # this thread waits for the trainer, so tying the trainer to it ties it to the process
@@ -293,9 +292,8 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
     from models.train import preflight
     plan = preflight(shards_dir, config.train, config.finetune)      # raises PlanError with the numbers
     log.info("plan: %s", plan.get("summary", ""))
-    spec = {"data_dir": str(Path(shards_dir).resolve()), "out_dir": str(out.resolve()),
-            "train": config.train.model_dump(mode="json"), "finetune": config.finetune.model_dump(mode="json"),
-            "resume": resume, "max_steps_hint": plan.get("max_steps")}
+    spec = RunSpec(data_dir=str(Path(shards_dir).resolve()), out_dir=str(out.resolve()), train=config.train,
+                   finetune=config.finetune, resume=resume, max_steps_hint=plan.get("max_steps"))
     opts = retry_options(config.runner)
     # one training run per device: served deployments create this global limit with one slot
     with gpu_slot():

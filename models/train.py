@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from core.config import FinetuneConfig, TrainConfig
+from core.config import TrainConfig
+from core.run_spec import RunSpec
 from models.architectures import OBJECTIVE, arch_of, build_model, make_config, n_params
 from models.data import ShardDataModule
 from models.module import LMModule
@@ -235,12 +236,13 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     return {**p.to_dict(), "max_steps": steps}
 
 
-def run(spec: dict) -> dict:
-    cfg = TrainConfig(**spec["train"])
-    data_dir, out = Path(spec["data_dir"]), Path(spec["out_dir"])
+def run(spec: RunSpec | dict) -> dict:
+    spec = RunSpec.model_validate(spec)
+    cfg = spec.train
+    data_dir, out = Path(spec.data_dir), Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ft = FinetuneConfig(**spec.get("finetune") or {})
+    ft = spec.finetune
     model, ft_report, arch, base_identity = None, None, cfg.arch, None
     if ft.base:                          # fine-tuning: the base decides the architecture
         from models import finetune
@@ -282,7 +284,7 @@ def run(spec: dict) -> dict:
                       base_identity=base_identity)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    resume = bool(spec.get("resume")) and last.exists()
+    resume = spec.resume and last.exists()
     metrics_path = out / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()           # a fresh run starts a fresh log
@@ -297,7 +299,7 @@ def run(spec: dict) -> dict:
         logger=[CSVLogger(str(out), name="logs", version=""), TensorBoardLogger(str(out), name="tb", version="")],
         callbacks=[checkpoint, MetricsFile(metrics_path)] + kill_switch(), log_every_n_steps=cfg.log_every,
         use_distributed_sampler=False,      # the DataModule splits by rank itself (disjoint streams)
-        enable_progress_bar=bool(spec.get("progress_bar", False)), enable_model_summary=False,
+        enable_progress_bar=spec.progress_bar, enable_model_summary=False,
         default_root_dir=str(out))
     t0 = time.time()
     has_val = dm.manifest.split("val").tokens > 0
@@ -382,19 +384,26 @@ def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, st
             "skipped_batches": module.skipped_batches, "model_type": config.model_type}
 
 
+def _out_dir(spec_path: str) -> Path:
+    """Where error.json goes: the spec's out_dir, even from a run.json that did not validate."""
+    try:
+        return Path(json.loads(Path(spec_path).read_text())["out_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(spec_path).resolve().parent
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m models.train")
     ap.add_argument("--config", required=True, help="run.json written by the train flow")
     args = ap.parse_args(argv)
-    spec = json.loads(Path(args.config).read_text())
     from core import redact
 
     redact.install()        # this process logs too: the same scrubbing as the flows (explicit, not on import)
     quiet_libraries()
     try:
-        run(spec)
+        run(RunSpec.read(args.config))
     except Exception as e:
-        report_error(Path(spec["out_dir"]), e)
+        report_error(_out_dir(args.config), e)
         raise
 
 
