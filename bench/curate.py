@@ -16,11 +16,12 @@ Throughput: the same WARC shards go through
              (14 tasks), MinhashDedupCluster (1 task), JsonlReader -> MinhashDedupFilter ->
              JsonlWriter (N tasks); LocalPipelineExecutor with N workers.
 Every rule threshold of the DataTrove steps is set from our CurateConfig defaults, the extractor
-from our ExtractConfig defaults. Our language ID is switched off for the comparison (DataTrove's
-LanguageFilter downloads its fastText model at run time, impossible offline); `--langid` adds a
-row with it on. The input is the bundled WARCs concatenated `--repeat` times, split into N shard
-files (DataTrove parallelises by file). Each run is a fresh process timed from start to exit;
-best of `--rounds` interleaved rounds. docs/s/core = input page records / (seconds x N).
+from our ExtractConfig defaults (bench/datatrove_settings.py, shared with bench/e2e.py). Our
+language ID is switched off for the comparison (DataTrove's LanguageFilter downloads its fastText
+model at run time, impossible offline); `--langid` adds a row with it on. The input is the bundled
+WARCs concatenated `--repeat` times, split into N shard files (DataTrove parallelises by file).
+Each run is a fresh process timed from start to exit; best of `--rounds` interleaved rounds.
+docs/s/core = input page records / (seconds x N).
 
 Dedup memory: N synthetic documents' signature files (the schema find_duplicates reads, realistic
 duplicate structure), find_duplicates in a fresh process; its peak RSS (VmHWM, see peak_rss_kib)
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.config import CurateConfig, ExtractConfig  # noqa: E402
+from datatrove_settings import minhash_config, rule_filters, trafilatura_step  # noqa: E402
 
 RULE_STAGES = ["gopher_repetition", "gopher_quality", "c4", "fineweb"]
 SOURCES = [ROOT / "sample" / "pages.warc.gz"] + sorted((ROOT / "sample" / "warc").glob("*.warc.gz"))
@@ -169,41 +171,13 @@ def run_ours(shards: list[Path], out: Path, workers: int, langid: bool) -> dict:
 
 def run_datatrove(shard_dir: Path, out: Path, workers: int) -> dict:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
-    from datatrove.pipeline.extractors import Trafilatura
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.dedup.minhash import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                                  MinhashDedupSignature)
     from datatrove.pipeline.readers import JsonlReader, WarcReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    ext, cur = ExtractConfig(), CurateConfig()
-    gq, gr, c4, fw, dd = (cur.rules.gopher_quality, cur.rules.gopher_repetition, cur.rules.c4, cur.rules.fineweb,
-                          cur.dedup)
-    mh = MinhashConfig(n_grams=dd.shingle_words, num_buckets=dd.bands, hashes_per_bucket=dd.rows, seed=dd.seed)
-    filters = [
-        # DataTrove's Trafilatura calls trafilatura.extract (text only, no metadata); options as ours
-        Trafilatura(favour_precision=ext.favor == "precision", favor_recall=ext.favor == "recall",
-                    deduplicate=ext.deduplicate, include_tables=ext.include_tables, timeout=ext.timeout_s),
-        GopherRepetitionFilter(dup_line_frac=gr.dup_line_frac, dup_para_frac=gr.dup_para_frac,
-                               dup_line_char_frac=gr.dup_line_char_frac, dup_para_char_frac=gr.dup_para_char_frac,
-                               top_n_grams=tuple(gr.top_ngram_char_frac.items()),
-                               dup_n_grams=tuple(gr.dup_ngram_char_frac.items())),
-        GopherQualityFilter(min_doc_words=gq.min_words, max_doc_words=gq.max_words,
-                            min_avg_word_length=gq.min_mean_word_length, max_avg_word_length=gq.max_mean_word_length,
-                            max_symbol_word_ratio=gq.max_symbol_word_ratio,
-                            max_bullet_lines_ratio=gq.max_bullet_lines_ratio,
-                            max_ellipsis_lines_ratio=gq.max_ellipsis_lines_ratio,
-                            max_non_alpha_words_ratio=gq.min_alpha_words_ratio, min_stop_words=gq.min_stop_words),
-        C4QualityFilter(remove_citations=False, filter_no_terminal_punct=c4.drop_lines_without_terminal_punct,
-                        min_num_sentences=c4.min_sentences, min_words_per_line=c4.min_words_per_line,
-                        max_word_length=c4.max_word_length, filter_lorem_ipsum=c4.reject_lorem_ipsum,
-                        filter_javascript=c4.drop_javascript_lines, filter_curly_bracket=c4.reject_curly_braces,
-                        filter_policy=c4.drop_policy_lines),
-        FineWebQualityFilter(line_punct_thr=fw.min_line_punct_ratio, short_line_thr=fw.max_short_line_ratio,
-                             short_line_length=fw.short_line_chars, char_duplicates_ratio=fw.max_dup_line_char_ratio,
-                             new_line_ratio=fw.max_newline_word_ratio),
-    ]
+    mh = minhash_config()
+    filters = [trafilatura_step(), *rule_filters()]  # settings shared with bench/e2e.py
     logs = out / "logs"
     s0 = LocalPipelineExecutor(
         [WarcReader(str(shard_dir), glob_pattern="*.warc.gz"), *filters, JsonlWriter(str(out / "filtered")),
