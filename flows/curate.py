@@ -73,7 +73,7 @@ def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, c
 
 
 def _words(texts: list[str]) -> int:
-    from tasks.extract import count_words
+    from core.text import count_words
 
     return sum(count_words(t) for t in texts)
 

@@ -4,7 +4,7 @@ The GPT-3 paper (Brown et al. 2020, Appendix C) and DataTrove's n-gram decontami
 training documents that share any 13-gram with a benchmark. Here:
 
 - Text is normalised the way the rest of curation counts words: lowercased, then the `\\w+`
-  matches (`tasks.extract.count_words`). Case, punctuation and whitespace never matter;
+  matches (`core.text.WORD`). Case, punctuation and whitespace never matter;
   "don't" is the two words "don" and "t" on both sides.
 - Each word gets a stable 64-bit hash (blake2b, digest_size=8: the same in every process,
   unlike Python's `hash()`); an n-gram's hash is a polynomial of its words' hashes mod 2**64,
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.extract import _WORD  # the `\w+` words of count_words: one definition of a word
+from core.config import DecontaminateConfig
+from core.text import WORD  # the `\w+` words of count_words: one definition of a word
+from tasks.steps import KEEP, Verdict
 
 _P = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the n-gram polynomial (2**64 / golden ratio)
 DETAIL_CHARS = 160
@@ -42,7 +44,7 @@ def _word_hash(word: str) -> int:
 
 def words_of(text: str) -> list[str]:
     """The normalised words: lowercased `\\w+` matches."""
-    return _WORD.findall(text.lower())
+    return WORD.findall(text.lower())
 
 
 def ngram_hashes(words: list[str], n: int) -> np.ndarray:
@@ -136,3 +138,13 @@ def load_index(paths: list[str] | tuple[str, ...], n: int = 13) -> NgramIndex:
     key = tuple(str(p) for p in paths)
     with _lock:   # concurrent shard threads wait for one build instead of each doing it
         return _cached(key, tuple(_stamp(p) for p in key), n)
+
+
+def decontaminate_step(docs, cfg: DecontaminateConfig):
+    """The filter step (tasks.curate.FILTER_STEPS; only with `paths`): drops each document, as the earlier
+    steps left its text (C4-edited), that shares an n-gram with the evaluation sets."""
+    index = load_index(cfg.paths, cfg.ngram)   # once per process
+    reason = f"eval {cfg.ngram}-gram"
+    for d in docs:
+        hit, detail = index.contaminated(d["text"])
+        yield Verdict(False, reason, detail) if hit else KEEP

@@ -6,7 +6,8 @@ Two backends (`curate.langid.backend`):
 - fasttext: a lid.176.bin / lid.218e.bin you provide (`curate.langid.model_path`), as
   FineWeb / DCLM use. lid.218e labels (eng_Latn) are mapped to ISO 639-1 where one exists.
 Only a prefix of each text is classified: the language of a page is settled long before
-2,000 characters, and the cost grows linearly with length.
+2,000 characters, and the cost grows linearly with length. `langid_step` is the curation filter
+step (tasks.curate.FILTER_STEPS) over a batch of documents.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from core.config import LangIdConfig
+from tasks.steps import Verdict
 
 PREFIX_CHARS = 2000
 UNKNOWN = ("und", 0.0)  # ISO 639 "undetermined": text without a single letter
@@ -103,3 +105,22 @@ def identify(texts: list[str], cfg: LangIdConfig) -> list[tuple[str, float]]:
 def keep_language(lang: str, score: float, cfg: LangIdConfig) -> bool:
     """Keep a document in one of `cfg.languages` at `cfg.min_score` or above; an empty list means any language."""
     return (not cfg.languages or lang in cfg.languages) and score >= cfg.min_score
+
+
+LANGID_COLUMNS = {"lang": "string", "lang_score": "float64"}   # what the step adds to every document
+
+
+def langid_step(docs, cfg: LangIdConfig) -> list[Verdict]:
+    """The filter step (tasks.curate.FILTER_STEPS): every document gets `lang` and `lang_score`; those
+    outside `keep_language` are dropped, booked in the funnel as `lang:xx` when xx is a kept language
+    below its score, else `other language`."""
+    docs = list(docs)   # one batch: the classifier runs over all of them
+    out = []
+    for lang, score in identify([d["text"] for d in docs], cfg):
+        fields = {"lang": lang, "lang_score": float(score)}
+        if keep_language(lang, score, cfg):
+            out.append(Verdict(True, fields=fields))
+        else:
+            out.append(Verdict(False, "language", f"{lang} {score:.2f}", fields=fields,
+                               funnel_reason=f"lang:{lang}" if lang in cfg.languages else "other language"))
+    return out

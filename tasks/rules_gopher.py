@@ -29,7 +29,7 @@ from collections import Counter
 from itertools import accumulate, compress
 from operator import sub
 
-WORD = re.compile(r"\w+(?:[-'’]\w+)*")
+WORD = re.compile(r"\w+(?:[-'’]\w+)*")  # not core.text.WORD: Gopher counts don't, well-known as one word
 # a whitespace token without a letter (digits, symbols); anchored at token starts: linear time
 _NO_ALPHA_TOKEN = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 _STOP_WORD = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.IGNORECASE)

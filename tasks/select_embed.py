@@ -37,7 +37,9 @@ EMBEDDINGS_DIR = Path(__file__).resolve().parent.parent / "sample" / "curation" 
 DEFAULTS = dict(l2=1e-3, chunk_words=200, pu_rounds=2, pu_drop=0.2, max_tokens=1024, max_negatives=20_000)
 _CACHE_WORDS = 500_000  # word -> token ids; cleared when full
 _CHARS_PER_TOKEN = 8  # text cut before tokenizing: English WordPiece averages 4-5 characters a token
-_WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")  # ASCII punctuation: one token each
+# not core.text.WORD: the WordPiece pre-tokenizer's split (runs between whitespace and ASCII punctuation,
+# each punctuation mark one token), so cached per-word ids equal tokenizing the whole text
+_WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 
 

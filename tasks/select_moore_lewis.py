@@ -4,24 +4,23 @@ log p_ref - log p_general. Both are word-bigram models with interpolated Kneser-
 hashed word ids (kenlm's pip package can query but not train models, so this is our own)."""
 from __future__ import annotations
 
-import re
 import time
 import zlib
 
 import numpy as np
 
+from core.text import WORD
 from tasks.select_io import load_model, save_model
 
 METHOD = "moore-lewis"
 VOCAB = 1 << 18       # hashed word ids
 DISCOUNT = 0.75
 MAX_TOKENS = 2000
-_WORD = re.compile(r"\w+")
 BOS = VOCAB           # sentence-start id, outside the hashed range
 
 
 def _ids(text: str) -> np.ndarray:
-    return np.asarray([BOS] + [zlib.crc32(w.encode()) % VOCAB for w in _WORD.findall(text.lower())[:MAX_TOKENS]],
+    return np.asarray([BOS] + [zlib.crc32(w.encode()) % VOCAB for w in WORD.findall(text.lower())[:MAX_TOKENS]],
                       dtype=np.int64)
 
 

@@ -8,7 +8,6 @@ Classes are weighted to balance, so thirty reference documents count as much as 
 """
 from __future__ import annotations
 
-import re
 import time
 import zlib
 
@@ -17,17 +16,17 @@ import scipy.sparse as sp
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from core.text import WORD
 from tasks.select_io import load_model, save_model
 
 METHOD = "tfidf"
 BUCKETS = 1 << 18
 MAX_TOKENS = 2000   # a document is featurised on its first this-many words: bounds the cost per page
-_WORD = re.compile(r"\w+")
 
 
 def features(text: str, buckets: int = BUCKETS, max_tokens: int = MAX_TOKENS) -> list[int]:
     """Hashed lowercased words and word bigrams; crc32, so the same ids in every process."""
-    w = _WORD.findall(text.lower())[:max_tokens]
+    w = WORD.findall(text.lower())[:max_tokens]
     return ([zlib.crc32(x.encode()) % buckets for x in w]
             + [zlib.crc32(f"{a} {b}".encode()) % buckets for a, b in zip(w, w[1:])])
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import ToxicityConfig
+from core.text import WORD, count_words
 from tasks import fasttext_model as ft
 from tasks.bias_terms import group_regexes
 
@@ -44,7 +45,6 @@ CHUNK_WORDS = 200  # clean_data is cut into chunks of about this size (tasks.qua
 _HOLDOUT_BLOCK = 8  # ... and held out in runs of this many consecutive chunks (not neighbours of trained ones)
 _TWEET_NOISE = re.compile(r"\bRT\b|@\w+:?|https?://\S+")  # retweet marks, mentions, links: not web text
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-_WORD = re.compile(r"\w+")
 COLUMNS = ("toxicity_score", "toxicity_mean", "toxicity_share", "toxicity_sentences",
            "wordlist_ratio", "wordlist_terms")
 REASON_SHARE, REASON_WORDLIST = "toxic share", "word list"
@@ -79,7 +79,7 @@ def load_labeled(path, text_column: str, label_column: str,
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text) if _WORD.search(s)]
+    return [s for s in _SENTENCE_END.split(text) if WORD.search(s)]
 
 
 def calibration_path(model_path) -> Path:
@@ -260,7 +260,7 @@ def _document_stats(texts: list[str], model_path, threshold: float) -> dict[str,
     np.maximum.at(top, owner, p)
     counts = np.bincount(owner, minlength=n)
     mean = np.divide(np.bincount(owner, weights=p, minlength=n), counts, out=np.zeros(n), where=counts > 0)
-    words = np.array([len(_WORD.findall(s)) for s in sentences], dtype=np.float64)
+    words = np.array([count_words(s) for s in sentences], dtype=np.float64)
     hit = p > threshold
     total = np.bincount(owner, weights=words, minlength=n)
     share = np.divide(np.bincount(owner, weights=words * hit, minlength=n), total,
@@ -337,7 +337,7 @@ def wordlist_counts(texts: list[str], wordlist_path, groups_file) -> tuple[np.nd
     single, multi = _wordlist(str(wordlist_path), str(groups_file))
     ratio, terms = np.zeros(len(texts)), np.zeros(len(texts))
     for i, text in enumerate(texts):
-        if n_words := len(_WORD.findall(text)):
+        if n_words := count_words(text):
             terms[i] = _count_terms(ft.tokens(text), single, multi)
             ratio[i] = terms[i] / n_words
     return ratio, terms

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.extract import count_words
+from core.text import count_words
 from tests.mix import CUR, write_mix
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
