@@ -111,11 +111,11 @@ def main() -> None:
                       "bytes": tuned[name]["bytes"]}
     curve = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     report = {"domain": a.domain, "base": a.base, "train_docs": len(train), "test_docs": len(test),
-              "train_tokens": result.get("tokens_seen"), "steps": result.get("steps"),
+              "train_tokens": result.tokens_seen, "steps": result.steps,
               "settings": {k: getattr(a, k) for k in ("steps", "seq_len", "batch_size", "lr", "rank", "alpha",
                                                       "context")},
               "val_loss_curve": [(r["step"], round(r["val_loss"], 4)) for r in curve],
-              "train_wall_s": result.get("wall_s"), "shard_s": round(t_shard, 1), "total_wall_s": round(wall, 1),
+              "train_wall_s": result.wall_s, "shard_s": round(t_shard, 1), "total_wall_s": round(wall, 1),
               "results": rows}
     (out.parent / f"{out.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

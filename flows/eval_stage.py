@@ -22,6 +22,7 @@ from prefect.artifacts import create_table_artifact
 from flows.caching import code_version, input_fingerprint
 from core.config import EvalConfig, RefineryConfig
 from core.io import write_text_atomic
+from core.train_run import TrainResult
 
 
 def eval_cache_key(context, parameters: dict) -> str:
@@ -43,16 +44,16 @@ def eval_task(model: str, data: list[str], cfg: EvalConfig, out_json: str) -> di
     return result
 
 
-def eval_stage(out: Path, result: dict, shards_dir: str, config: RefineryConfig) -> dict | None:
+def eval_stage(out: Path, result: TrainResult, shards_dir: str, config: RefineryConfig) -> dict | None:
     """Evaluate the run's export (and a fine-tune's base); None when there is nothing to evaluate."""
     log = get_run_logger()
     cfg = config.eval
-    export = result.get("export")
-    if not cfg.enabled or not isinstance(export, str):
+    export = result.export
+    if not cfg.enabled or not export:
         return None
-    if result.get("arch", "decoder") != "decoder":
-        log.info("eval: skipped: bits per byte needs a causal LM, this run trained a %s", result.get("arch"))
-        return {"skipped": f"bits per byte needs a causal LM; this run trained a {result.get('arch')}"}
+    if result.arch != "decoder":
+        log.info("eval: skipped: bits per byte needs a causal LM, this run trained a %s", result.arch)
+        return {"skipped": f"bits per byte needs a causal LM; this run trained a {result.arch}"}
     data = [str(Path(shards_dir) / "val")] if _has_val(shards_dir) else []
     data += [str(Path(d).expanduser().resolve()) for d in cfg.data]
     if not data:

@@ -39,7 +39,7 @@ from flows.guard import confine
 from core.redact import redact
 from core.retry import PermanentError, retry_options
 from core.io import atomic_path, exclusive_dir
-from core.run_spec import RunSpec
+from core.train_run import RunSpec, TrainResult
 
 ROOT = Path(__file__).resolve().parent.parent
 _PREFECT_SECRETS = {"PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"}
@@ -143,7 +143,7 @@ def same_run(out: Path, fingerprint: str) -> bool:
 
 
 @task(name="train", cache_key_fn=train_cache_key, persist_result=True)
-def train_task(spec: RunSpec, shards_sha256: str) -> dict:
+def train_task(spec: RunSpec, shards_sha256: str) -> TrainResult:
     log = get_run_logger()
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,10 +178,9 @@ def train_task(spec: RunSpec, shards_sha256: str) -> dict:
     shown.rows(tail())
     if proc.returncode != 0 or not (out / "result.json").exists():
         raise training_error(out, proc.returncode)
-    result = json.loads((out / "result.json").read_text())
-    shown.done(result["steps"])
-    result["outputs"] = [str(out / "result.json")] + ([str(Path(result["export"]) / "config.json")]
-                                                       if isinstance(result.get("export"), str) else [])
+    result = TrainResult.read(out)
+    shown.done(result.steps)
+    result.outputs = [str(out / "result.json")] + ([str(Path(result.export) / "config.json")] if result.export else [])
     return result
 
 
@@ -225,7 +224,7 @@ def loss_plot(out: Path, rows: list[dict]) -> Path | None:
     return path
 
 
-def report(out: Path, result: dict, plan: dict | None) -> None:
+def report(out: Path, result: TrainResult, plan: dict | None) -> None:
     rows = read_metrics(out / "metrics.jsonl")
     png = loss_plot(out, rows)
     curve = [r for r in rows if "loss" in r]
@@ -236,29 +235,20 @@ def report(out: Path, result: dict, plan: dict | None) -> None:
     keys = ["model", "arch", "params", "trainable_params", "steps", "tokens_seen", "tokens_per_param", "first_loss",
             "final_loss", "val_loss_start", "val_loss", "val_ppl_start", "val_ppl", "tokens_per_s", "mfu", "precision",
             "devices", "strategy", "wall_s"]
-    k = result.get("loss_mean_steps")
-    md = [f"# Training run `{out}`", "", before_after(result), "", "| | |", "|---|---|"] + [
-        f"| {key}{f' (mean of {k} steps)' if k and key in ('first_loss', 'final_loss') else ''} | {fmt(result.get(key))} |"
-        for key in keys if key != "tokens_per_param" or result.get(key) is not None]
-    if result.get("finetune"):
-        ft = result["finetune"]
-        md += ["", f"Fine-tuned `{ft['base']}` with **{ft['method']}**: {ft['trainable_params']:,} of "
-                   f"{ft['total_params']:,} parameters trainable ({100 * ft['trainable_fraction']:.3f}%)."]
+    k = result.loss_mean_steps
+    md = [f"# Training run `{out}`", "", result.before_after(), "", "| | |", "|---|---|"] + [
+        f"| {key}{f' (mean of {k} steps)' if k and key in ('first_loss', 'final_loss') else ''} | {fmt(getattr(result, key))} |"
+        for key in keys if key != "tokens_per_param" or result.tokens_per_param is not None]
+    if ft := result.finetune:
+        md += ["", f"Fine-tuned `{ft.base}` with **{ft.method}**: {ft.trainable_params:,} of "
+                   f"{ft.total_params:,} parameters trainable ({100 * ft.trainable_fraction:.3f}%)."]
     if plan:
         md += ["", "Planner: " + plan.get("summary", "")]
-    md += ["", f"Loss curve: `{png}`" if png else "", f"Export: `{result.get('export')}`",
-           f"Checkpoint: `{result.get('checkpoint')}`"]
+    md += ["", f"Loss curve: `{png}`" if png else "", f"Export: `{result.export}`",
+           f"Checkpoint: `{result.checkpoint}`"]
     create_markdown_artifact(key="train-summary", markdown="\n".join(md), description="Training run summary")
 
 
-def before_after(result: dict) -> str:
-    """One line: validation loss at step 0 (the base, or the untrained model) against the end."""
-    a, b = result.get("val_loss_start"), result.get("val_loss")
-    if a is None or b is None:
-        return f"Validation loss {b if b is not None else '-'} (no step-0 validation)"
-    who = f"the base ({result['model']})" if result.get("finetune") else "the untrained model"
-    return (f"Validation loss {a:.4f} for {who} -> {b:.4f} after {result['steps']:,} steps ({100 * (b - a) / a:+.1f}%; "
-            f"perplexity {result.get('val_ppl_start'):,.2f} -> {result.get('val_ppl'):,.2f})")
 
 
 def gpu_slot():
@@ -282,12 +272,12 @@ def shards_fingerprint(shards_dir: str) -> str:
     return hashlib.sha256(Path(shards_dir, "manifest.json").read_bytes()).hexdigest()
 
 
-def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: bool = False) -> dict:
+def run_train(shards_dir: str, out_dir: str, config: RefineryConfig, resume: bool = False) -> TrainResult:
     with exclusive_dir(out_dir):   # one trainer per run folder; a killed run's temporaries are swept
         return _train(shards_dir, Path(out_dir), config, resume)
 
 
-def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> dict:
+def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> TrainResult:
     log = get_run_logger()
     from models.train import preflight
     plan = preflight(shards_dir, config.train, config.finetune)      # raises PlanError with the numbers
@@ -299,21 +289,20 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
     with gpu_slot():
         state = train_task.with_options(**opts)(spec, shards_fingerprint(shards_dir), return_state=True)
         result = state.result()
-        if not all(Path(p).exists() for p in result.get("outputs", [])):
+        if not all(Path(p).exists() for p in result.outputs):
             result = train_task.with_options(refresh_cache=True, **opts)(spec, shards_fingerprint(shards_dir))
         elif state.name == "Cached":
             log.info("train: served from cache")
     report(out, result, plan)
     from flows.eval_stage import eval_stage
     if (evaluation := eval_stage(out, result, shards_dir, config)) is not None:
-        result["eval"] = evaluation
-    log.info("trained %s: %s; export %s", result.get("model", result["arch"]), before_after(result),
-             result.get("export"))
+        result.eval = evaluation
+    log.info("trained %s: %s; export %s", result.model, result.before_after(), result.export)
     return result
 
 
 @flow(name="train", log_prints=True)
-def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> dict:
+def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> TrainResult:
     cfg = absolute_paths(config or RefineryConfig())   # the trainer runs in another working directory
     confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)
     return run_train(shards_dir, out_dir, cfg, resume)
@@ -321,7 +310,7 @@ def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = No
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow(base: str, shards_dir: str, out_dir: str, method: Literal["full", "lora", "prompt", "qlora"] = "lora",
-                  config: RefineryConfig | None = None, resume: bool = False) -> dict:
+                  config: RefineryConfig | None = None, resume: bool = False) -> TrainResult:
     """Fine-tune `base` (our export, a Hugging Face folder or a GGUF file) on shards made with its tokenizer."""
     cfg = config or RefineryConfig()
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"base": base, "method": method})})

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from core.config import TrainConfig
-from core.run_spec import RunSpec
+from core.train_run import FinetuneReport, RunSpec, TrainResult
 from models.architectures import OBJECTIVE, arch_of, build_model, make_config, n_params
 from models.data import ShardDataModule
 from models.module import LMModule
@@ -236,7 +236,7 @@ def preflight(shards_dir: str, cfg: TrainConfig, ft: FinetuneConfig | None = Non
     return {**p.to_dict(), "max_steps": steps}
 
 
-def run(spec: RunSpec | dict) -> dict:
+def run(spec: RunSpec | dict) -> TrainResult | None:
     spec = RunSpec.model_validate(spec)
     cfg = spec.train
     data_dir, out = Path(spec.data_dir), Path(spec.out_dir)
@@ -313,17 +313,15 @@ def run(spec: RunSpec | dict) -> dict:
     val = (trainer.validate(module, datamodule=dm, verbose=False) or [{}])[0] if has_val else {}
     release_process_group()
     if not trainer.is_global_zero:
-        return {}
-    result = summarize(metrics_path, module, cfg, config, max_steps, wall, val)
-    result["arch"] = arch
+        return None
+    result = TrainResult(**summarize(metrics_path, module, cfg, config, max_steps, wall, val), arch=arch,
+                         checkpoint=str(last) if last.exists() else None, resumed=resume,
+                         local_params_rank0=module.local_params)
     if ft_report:
-        result["finetune"] = {**ft_report, "base": ft.base, "base_sha256": base_identity["sha256"]}
+        result.finetune = FinetuneReport(**{**ft_report, "base": ft.base, "base_sha256": base_identity["sha256"]})
         # a fine-tune is named by its base, and tokens per parameter is a pretraining budget (Chinchilla's
         # ~20), meaningless for adapting a model trained on trillions of tokens
-        result["model"], result["preset"], result["tokens_per_param"] = Path(ft.base).name, None, None
-    result["checkpoint"] = str(last) if last.exists() else None
-    result["resumed"] = resume
-    result["local_params_rank0"] = module.local_params
+        result.model, result.preset, result.tokens_per_param = Path(ft.base).name, None, None
     if cfg.export:
         if cfg.strategy == "fsdp":      # the sharded module cannot save_pretrained: rebuild from the full checkpoint
             module = LMModule(build_model(config), objective)
@@ -331,10 +329,10 @@ def run(spec: RunSpec | dict) -> dict:
         if ft.base:
             from models import finetune
             paths = finetune.export_finetuned(module.model, ft.method, data_dir / "tokenizer", out / "hf")
-            result["export"], result["export_paths"] = paths["hf"], paths
+            result.export, result.export_paths = paths["hf"], paths
         else:
-            result["export"] = str(export_hf(module, data_dir, out))
-    write_text_atomic(json.dumps(result, indent=2), out / "result.json")
+            result.export = str(export_hf(module, data_dir, out))
+    result.write(out)
     return result
 
 
@@ -370,7 +368,7 @@ def summarize(metrics_path: Path, module: LMModule, cfg: TrainConfig, config, st
     k = max(1, min(10, len(train) // 4))
     mean = lambda rs: round(sum(r["loss"] for r in rs) / len(rs), 6) if rs else None  # noqa: E731
     ppl = lambda v: None if v is None else round(math.exp(min(float(v), 30.0)), 4)  # noqa: E731
-    return {"arch": cfg.arch, "model": f"{cfg.arch} {cfg.preset}", "preset": cfg.preset, "params": params,
+    return {"model": f"{cfg.arch} {cfg.preset}", "preset": cfg.preset, "params": params,
             "trainable_params": module.n_trainable,
             "steps": train[-1]["step"] if train else 0, "max_steps": steps, "tokens_seen": module.tokens_seen,
             "tokens_per_param": round(module.tokens_seen / params, 4),

@@ -178,7 +178,7 @@ def test_finetune_flow_ends_with_base_and_tuned_bits_per_byte(export, shards, te
                   "checkpoint_every": 6, "accelerator": "cpu"},
         "finetune": {"lora_r": 4}, "eval": {"data": [str(tmp_path / "held.jsonl")], "context": 64}})
     result = finetune_flow(str(export[0]), str(shards), str(tmp_path / "run"), "lora", cfg)
-    rows = {r["dataset"]: r for r in result["eval"]["rows"]}
+    rows = {r["dataset"]: r for r in result.eval["rows"]}
     assert set(rows) == {"shards-val", "held"}
     base = json.loads((tmp_path / "run" / "eval-base.json").read_text())
     tuned = json.loads((tmp_path / "run" / "eval.json").read_text())

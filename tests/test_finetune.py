@@ -217,10 +217,10 @@ def test_train_run_finetunes_our_own_export_with_lora(shards, tmp_path):
                       "checkpoint_every": 3, "accelerator": "cpu"},
             "finetune": {"base": str(tmp_path / "base"), "method": "lora", "lora_r": 2}}
     result = run(spec)
-    ft = result["finetune"]
-    assert ft["method"] == "lora" and 0 < ft["trainable_fraction"] < 0.05
-    assert result["export_paths"]["adapter"] and result["export"] == result["export_paths"]["hf"]
-    merged = AutoModelForCausalLM.from_pretrained(result["export"])
+    ft = result.finetune
+    assert ft.method == "lora" and 0 < ft.trainable_fraction < 0.05
+    assert result.export_paths["adapter"] and result.export == result.export_paths["hf"]
+    merged = AutoModelForCausalLM.from_pretrained(result.export)
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert changed and all(n.endswith("_proj.weight") for n in changed)   # only the adapted projections
 

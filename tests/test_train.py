@@ -88,10 +88,10 @@ def test_each_architecture_learns_and_exports(shards, tmp_path, arch):
     result = run(spec(shards, out, arch=arch, max_steps=30, checkpoint_every=30))
     curve = losses(out)
     first, last5 = curve[1], sum(curve[s] for s in range(26, 31)) / 5
-    print(arch, result["params"], "loss", first, "->", last5, "val", result["val_loss"])
+    print(arch, result.params, "loss", first, "->", last5, "val", result.val_loss)
     assert last5 < first - 0.5, curve
-    assert result["val_loss"] is not None and result["val_loss"] < first
-    assert result["steps"] == 30 and result["tokens_seen"] == 30 * 4 * 64
+    assert result.val_loss is not None and result.val_loss < first
+    assert result.steps == 30 and result.tokens_seen == 30 * 4 * 64
     ids = torch.randint(5, 2000, (2, 16))
     batch = {"input_ids": ids}
     if arch == "encoder-decoder":
@@ -206,9 +206,9 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
     state = train_flow(str(shards), str(tmp_path / "run"), cfg, return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert result["steps"] == 12 and (tmp_path / "run" / "loss.png").stat().st_size > 5000
+    assert result.steps == 12 and (tmp_path / "run" / "loss.png").stat().st_size > 5000
     assert [r for r in losses(tmp_path / "run")] == list(range(1, 13))
-    assert Path(result["export"], "model.safetensors").exists()
+    assert Path(result.export, "model.safetensors").exists()
 
     async def artifacts():
         async with get_client() as client:
@@ -224,7 +224,7 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
     # before and after: a validation pass at step 0 (the untrained model) and at the end
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in rows if "val_loss" in r]
-    assert vals[0]["step"] == 0 and result["val_loss_start"] == vals[0]["val_loss"] > result["val_loss"]
+    assert vals[0]["step"] == 0 and result.val_loss_start == vals[0]["val_loss"] > result.val_loss
     assert "Validation loss" in arts["train-summary"].data and "untrained model" in arts["train-summary"].data
     # the progress artifact carries the same figures as the terminal: step, smoothed loss, tokens/s
     desc = arts["train-progress"].description
@@ -237,12 +237,12 @@ def test_train_flow_reports_artifacts_and_is_cached(shards, tmp_path, prefect_ap
     assert set(evaluation["datasets"]) == {"shards-val", "held"}
     assert all(0.5 < d["bits_per_byte"] < 10 for d in evaluation["datasets"].values())
     rows = json.loads(arts["eval"].data)
-    assert {r["dataset"] for r in rows} == {"shards-val", "held"} and result["eval"]["rows"] == rows
+    assert {r["dataset"] for r in rows} == {"shards-val", "held"} and result.eval["rows"] == rows
 
     # unchanged shards, config and code: the second run is served from cache, no new training
     mtime = (tmp_path / "run" / "result.json").stat().st_mtime
     again = train_flow(str(shards), str(tmp_path / "run"), cfg)
-    assert again["steps"] == 12 and (tmp_path / "run" / "result.json").stat().st_mtime == mtime
+    assert again.steps == 12 and (tmp_path / "run" / "result.json").stat().st_mtime == mtime
 
 
 def test_planner_refuses_a_run_that_cannot_fit_before_launching(shards, tmp_path, prefect_api):
@@ -267,10 +267,10 @@ def test_precisions_checkpointing_accumulation_and_mfu(shards, tmp_path, extra):
     curve = losses(out)
     assert sorted(curve) == list(range(1, 13)) and curve[12] < curve[1] - 0.2, curve
     acc = extra.get("accumulate", 1)
-    assert result["tokens_seen"] == 12 * acc * 4 * 64
+    assert result.tokens_seen == 12 * acc * 4 * 64
     if "peak_flops" in extra:        # MFU = tokens/s * FLOPs per token / peak, logged per step
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        assert all(0 < r["mfu"] < 1 for r in rows) and result["mfu"] > 0
+        assert all(0 < r["mfu"] < 1 for r in rows) and result.mfu > 0
 
 
 def test_nan_loss_stops_naming_the_step_or_is_skipped(shards, tmp_path):
