@@ -69,9 +69,8 @@ def child_ours(args) -> None:
         t = time.time()
         funnel = flows.curate.run_curate([str(out / "extract")], str(out / "curate"), cfg)
         marks["curate"] = [t, time.time()]
-        rows = {r["stage"]: r for r in funnel["stages"]}
-        counts.update(after_rules=rows["fineweb"]["docs_out"], dedup_dropped=sum(rows["dedup"]["drops"].values()),
-                      dedup_by_reason=rows["dedup"]["drops"], kept=funnel["kept"]["docs"])
+        counts.update(after_rules=funnel.stage("fineweb").docs_out, dedup_dropped=sum(funnel.stage("dedup").drops.values()),
+                      dedup_by_reason=funnel.stage("dedup").drops, kept=funnel.kept.docs)
         t = time.time()
         manifest = flows.shard.run_shard(str(out / "curate"), str(out / "shard"), cfg)
         marks["shard"] = [t, time.time()]
@@ -82,7 +81,7 @@ def child_ours(args) -> None:
             t = time.time()
             tr = run_train(str(out / "shard"), str(out / "train"), cfg)
             marks["train"] = [t, time.time()]
-            counts.update(train_steps=tr.get("steps"), train_tokens_seen=tr.get("tokens_seen"))
+            counts.update(train_steps=tr.steps, train_tokens_seen=tr.tokens_seen)
         return str(flow_run.id)
 
     run_id = with_concurrency(e2e, cfg)()

@@ -95,7 +95,7 @@ def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", c
         kept_words = None
         if vcfg is not None:
             funnel = run_curate([docs], str(vdir / "curate"), vcfg)
-            docs, kept_words = str(vdir / "curate"), funnel["kept"]["tokens"]
+            docs, kept_words = str(vdir / "curate"), funnel.kept.tokens
         scfg = (vcfg or proxy).model_copy(deep=True)
         # one tokenizer for all: a variant's own BPE would make its loss, not its data, differ
         scfg.shard = scfg.shard.model_copy(update={"val_fraction": 0.0, "min_val_docs": 0,
@@ -108,8 +108,8 @@ def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", c
         unique = manifest.split("train").tokens
         rows.append({"variant": name, "docs": manifest.split("train").docs, "words": kept_words
                      if kept_words is not None else extracted_words, "train_tokens": unique,
-                     "tokens_seen": result["tokens_seen"], "epochs": round(result["tokens_seen"] / max(unique, 1), 2),
-                     "heldout_bits_per_byte": round(held["bits_per_byte"], 4), "final_train_loss": result["final_loss"]})
+                     "tokens_seen": result.tokens_seen, "epochs": round(result.tokens_seen / max(unique, 1), 2),
+                     "heldout_bits_per_byte": round(held["bits_per_byte"], 4), "final_train_loss": result.final_loss})
         log.info("ablate %s: %d docs, %d tokens (%.1f epochs) -> %.4f bits/byte on the held-out set", name,
                  rows[-1]["docs"], unique, rows[-1]["epochs"], held["bits_per_byte"])
     # a variant with fewer tokens than a batch gets short batches (models/data.py does not pack

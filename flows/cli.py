@@ -19,24 +19,16 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import yaml  # noqa: E402
 
 from core.config import ConfigError, RefineryConfig, absolute_paths, load_config  # noqa: E402
-from flows.cli_flags import Section, add_positional, add_section, overrides  # noqa: E402
+from flows.cli_flags import Section, add_positional, add_section, overrides, sections_under  # noqa: E402
 
 
 RUNNER = Section("runner", prefix="runner-", note="where the shard tasks run")
-CURATE = [Section("curate.quality", prefix="quality-", aliases={
-              "target_keep_ratio": "--target-keep-ratio", "reference": "--reference", "negatives": "--negatives",
-              "model_path": "--quality-model"}),
-          Section("curate.toxicity", prefix="toxicity-", aliases={"model_path": "--toxicity-model"}),
-          Section("curate.langid", prefix="langid-"),
-          Section("curate.rules.gopher_quality", prefix="gopher-quality-"),
-          Section("curate.rules.gopher_repetition", prefix="gopher-repetition-",
-                  note="n-gram fractions: --set or --config"),
-          Section("curate.rules.c4", prefix="c4-"),
-          Section("curate.rules.fineweb", prefix="fineweb-"),
-          Section("curate.dedup", prefix="dedup-"),
-          Section("curate.pii", prefix="pii-"),
-          Section("curate.decontaminate", prefix="decontaminate-"),
-          Section("curate.bias", prefix="bias-")]
+# every curate section with settings of its own, in config order, each prefixed by its name (--c4-...)
+CURATE = sections_under("curate", quality={"aliases": {"target_keep_ratio": "--target-keep-ratio",
+                                                      "reference": "--reference", "negatives": "--negatives",
+                                                      "model_path": "--quality-model"}},
+                        toxicity={"aliases": {"model_path": "--toxicity-model"}},
+                        gopher_repetition={"note": "n-gram fractions: --set or --config"})
 EVAL = Section("eval", prefix="eval-", note="the eval stage after training")
 PLAN_TRAIN = Section("train", only=("devices", "nodes", "gpu", "precision", "strategy", "seq_len", "batch_size",
                                     "activation_checkpointing"), aliases={"devices": "--gpus",
@@ -236,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         progress.stop()
-    print(json.dumps(result, indent=2, default=str))
-    if args.command in ("train", "finetune") and isinstance(result, dict):
-        from flows.train import before_after
-
-        print(f"refinery: {before_after(result)}", file=sys.stderr)
+    if args.command in ("train", "finetune"):
+        print(result.model_dump_json(indent=2, exclude={"outputs"}))
+        print(f"refinery: {result.before_after()}", file=sys.stderr)
+    else:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -262,7 +254,7 @@ class PlanRefused(Exception):
     pass
 
 
-def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
+def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict | TrainResult:
     from flows.crawl import crawl_flow
     from flows.curate import curate_flow
     from flows.extract import extract_flow, with_concurrency
@@ -276,8 +268,8 @@ def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict:
         return {k: v for k, v in summary.items() if k != "shards"}
     if args.command == "curate":
         funnel = with_concurrency(curate_flow, cfg)(args.inputs, args.out, cfg)
-        return {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")} | (
-            {"warnings": funnel["warnings"]} if funnel["warnings"] else {})
+        return funnel.model_dump(include={"extracted", "kept", "kept_token_ratio", "target_keep_ratio"}) | (
+            {"warnings": funnel.warnings} if funnel.warnings else {})
     if args.command in ("train", "finetune"):
         from flows.train import train_flow
 

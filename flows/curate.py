@@ -25,7 +25,7 @@ from flows.extract import run_extract
 from core.retry import retry_options
 from tasks import curate as steps
 from tasks.extract import shard_inputs
-from tasks.funnel import build_funnel, funnel_table, merge_stats, model_warnings, plot_funnel, plot_scores
+from tasks.funnel import Funnel, build_funnel, funnel_table, merge_stats, model_warnings, plot_funnel, plot_scores
 from core.io import atomic_path, exclusive_dir, file_sha256, write_text_atomic
 
 
@@ -159,12 +159,12 @@ def docs_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return docs, raw
 
 
-def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> dict:
+def run_curate(inputs: list[str], out_dir: str, config: RefineryConfig) -> Funnel:
     with exclusive_dir(out_dir):   # one writer per folder; what a killed run left half-written is swept
         return _curate(inputs, Path(out_dir), config)
 
 
-def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
+def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> Funnel:
     log = get_run_logger()
     cfg, runner = config.curate, config.runner
     opts = retry_options(runner)
@@ -239,29 +239,29 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
 
     funnel = build_funnel(extract, merge_stats(filtered + scored + selected, steps.stages(cfg)),
                           extracted_docs, extracted_tokens, threshold)
-    funnel["models"] = {"quality": qmodel, "toxicity": tmodel}
-    funnel["warnings"] += model_warnings(funnel, cfg.quality.min_holdout_auc, cfg.toxicity.warn_removal)
-    for w in funnel["warnings"]:
+    funnel.models = {"quality": qmodel, "toxicity": tmodel}
+    funnel.warnings += model_warnings(funnel, cfg.quality.min_holdout_auc, cfg.toxicity.warn_removal)
+    for w in funnel.warnings:
         log.warning("curate: %s", w)
     report(out, funnel, filtered, selected, scored_paths, cfg)
     return funnel
 
 
-def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], scored_paths: list[str],
+def report(out: Path, funnel: Funnel, filtered: list[dict], selected: list[dict], scored_paths: list[str],
            cfg: CurateConfig) -> None:
     from tasks.bias import audit, plot_audit
 
     # a rerun served from cache has the same funnel: its plots are already there (plots first, the JSON
     # last, so a JSON that matches means its plots were finished); each plot is written atomically
-    funnel_json = steps.dump(funnel)
+    funnel_json = steps.dump(funnel.as_dict())
     if not _report_current(out / "funnel.json", funnel_json, out / "funnel.png", out / "scores.png"):
         (out / "funnel.json").unlink(missing_ok=True)    # no JSON vouches for plots half redone
         with atomic_path(out / "funnel.png") as tmp:
             plot_funnel(funnel, tmp)
-        tox = next(r for r in funnel["stages"] if r["stage"] == "toxicity")
+        tox = funnel.stage("toxicity")
         with atomic_path(out / "scores.png") as tmp:
-            plot_scores(scored_paths, funnel["quality_threshold"]["threshold"], tmp, tox.get("histogram"),
-                        cfg.toxicity.max_share, funnel["models"]["quality"].get("method", ""))
+            plot_scores(scored_paths, funnel.quality_threshold["threshold"], tmp, tox.histogram,
+                        cfg.toxicity.max_share, funnel.models["quality"].get("method", ""))
         write_text_atomic(funnel_json, out / "funnel.json")
     before, after = {}, {}
     for f in filtered:
@@ -275,7 +275,7 @@ def report(out: Path, funnel: dict, filtered: list[dict], selected: list[dict], 
         for stage, c in s.get("removed_groups", {}).items():
             for g, n in c.items():
                 by_stage.setdefault(stage, {})[g] = by_stage.setdefault(stage, {}).get(g, 0) + n
-    bias = audit(before, after, funnel["extracted"]["docs"], funnel["kept"]["docs"], cfg.bias, stages=by_stage)
+    bias = audit(before, after, funnel.extracted.docs, funnel.kept.docs, cfg.bias, stages=by_stage)
     bias_json = steps.dump(bias)
     if not _report_current(out / "bias.json", bias_json, out / "bias.png"):
         (out / "bias.json").unlink(missing_ok=True)
@@ -296,17 +296,17 @@ def _report_current(json_path: Path, text: str, *plots: Path) -> bool:
         return False
 
 
-def summary_markdown(out: Path, funnel: dict, bias: dict) -> str:
-    lines = [f"# Curation of {funnel['extracted']['docs']} documents",
-             f"Kept **{funnel['kept']['docs']} documents, {funnel['kept']['tokens']} tokens** "
-             f"= **{funnel['kept_token_ratio']:.2%}** of extracted tokens "
-             f"(target {funnel['target_keep_ratio']:.2%}; tokens are words).", ""]
-    for w in funnel["warnings"]:
+def summary_markdown(out: Path, funnel: Funnel, bias: dict) -> str:
+    lines = [f"# Curation of {funnel.extracted.docs} documents",
+             f"Kept **{funnel.kept.docs} documents, {funnel.kept.tokens} tokens** "
+             f"= **{funnel.kept_token_ratio:.2%}** of extracted tokens "
+             f"(target {funnel.target_keep_ratio:.2%}; tokens are words).", ""]
+    for w in funnel.warnings:
         lines += [f"> **Warning:** {w}", ""]
     lines += ["| stage | docs in | docs out | tokens out | top drops |", "|---|---:|---:|---:|---|"]
     for r in funnel_table(funnel):
         lines.append(f"| {r['stage']} | {r['docs in']} | {r['docs out']} | {r['tokens out']} | {r['top drops']} |")
-    lines += ["", *models_markdown(funnel.get("models", {}))]
+    lines += ["", *models_markdown(funnel.models)]
     flagged = [g for g, r in bias.get("groups", {}).items() if r.get("flagged")]
     lines += ["", f"## Bias audit: {'flagged ' + ', '.join(flagged) if flagged else 'no group flagged'}",
               f"Overall removal rate {bias['overall']['removal_rate'] or 0:.1%}; a group is flagged when its "
@@ -354,7 +354,7 @@ def models_markdown(models: dict) -> list[str]:
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
+def curate_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> Funnel:
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
     return run_curate(inputs, out_dir, cfg)

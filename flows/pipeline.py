@@ -53,15 +53,15 @@ def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None,
             "max_steps": 40, "seq_len": min(cfg.train.seq_len, 128), "val_every": 20, "checkpoint_every": 20})})
     trained = run_train(str(out / "shard"), str(out / "train"), train_cfg)
     log.info("done: %d pages -> %d documents -> kept %d (%.2f%% of tokens) -> %d training tokens -> "
-             "%s %s, val loss %s, exported to %s", extract["pages"], extract["docs"], funnel["kept"]["docs"],
-             100 * funnel["kept_token_ratio"], manifest.split("train").tokens, trained["arch"],
-             trained["preset"], trained["val_loss"], trained.get("export"))
+             "%s %s, val loss %s, exported to %s", extract["pages"], extract["docs"], funnel.kept.docs,
+             100 * funnel.kept_token_ratio, manifest.split("train").tokens, trained.arch,
+             trained.preset, trained.val_loss, trained.export)
     return {"crawl": crawl, "extract": {k: v for k, v in extract.items() if k != "shards"},
-            "curate": {k: funnel[k] for k in ("extracted", "kept", "kept_token_ratio", "target_keep_ratio")},
+            "curate": funnel.model_dump(include={"extracted", "kept", "kept_token_ratio", "target_keep_ratio"}),
             "shard": {"vocab_size": manifest.tokenizer.vocab_size,
                       **{s: {"docs": v.docs, "tokens": v.tokens} for s, v in manifest.splits.items()}},
-            "train": {k: trained.get(k) for k in ("arch", "preset", "params", "steps", "tokens_seen", "first_loss",
-                                                  "final_loss", "val_loss_start", "val_loss", "val_ppl", "export")}}
+            "train": trained.model_dump(include={"arch", "preset", "params", "steps", "tokens_seen", "first_loss",
+                                                 "final_loss", "val_loss_start", "val_loss", "val_ppl", "export"})}
 
 
 run_flow = data_to_model  # `refinery run` is this flow

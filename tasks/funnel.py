@@ -9,8 +9,53 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
 
 TOKEN_UNIT = "words: \\w+ matches, the n_words of extraction, used by every stage"
+
+
+class Count(BaseModel):
+    docs: int
+    tokens: int
+
+
+class StageRow(BaseModel):
+    """One funnel row: what reached a stage and what left it, drops (and their words) by reason."""
+    stage: str
+    docs_in: int
+    docs_out: int
+    tokens_in: int
+    tokens_out: int
+    drops: dict[str, int]
+    dropped_tokens: dict[str, int]
+    histogram: list[int] | None = None     # a model stage's score histogram (toxicity share)
+
+
+class Funnel(BaseModel):
+    """funnel.json: the curation funnel, built by build_funnel and written by `dump`, the only places."""
+    token_unit: str = TOKEN_UNIT
+    extracted: Count
+    stages: list[StageRow]
+    kept: Count
+    kept_token_ratio: float
+    target_keep_ratio: float | None = None
+    quality_threshold: dict
+    extract: dict | None = None            # the extraction funnel, when curation started from WARCs
+    warnings: list[str] = Field(default_factory=list)
+    models: dict = Field(default_factory=dict)   # what the quality and toxicity models learnt from
+
+    def stage(self, name: str) -> StageRow | None:
+        return next((r for r in self.stages if r.stage == name), None)
+
+    def as_dict(self) -> dict:
+        """The JSON form: absent, not null, where a run has no extraction funnel or a row no histogram."""
+        d = self.model_dump(mode="json")
+        if d["extract"] is None:
+            del d["extract"]
+        for row in d["stages"]:
+            if row["histogram"] is None:
+                del row["histogram"]
+        return d
 
 
 def merge_stats(parts: list[dict], stages: list[str]) -> list[dict]:
@@ -38,48 +83,42 @@ def merge_stats(parts: list[dict], stages: list[str]) -> list[dict]:
 
 
 def build_funnel(extract: dict | None, stage_rows: list[dict], extracted_docs: int, extracted_tokens: int,
-                 threshold: dict) -> dict:
+                 threshold: dict) -> Funnel:
     kept = stage_rows[-1] if stage_rows else {"docs_out": 0, "tokens_out": 0}
-    ratio = kept["tokens_out"] / extracted_tokens if extracted_tokens else 0.0
-    target = threshold.get("target_keep_ratio")
-    funnel = {
-        "token_unit": TOKEN_UNIT,
-        "extracted": {"docs": extracted_docs, "tokens": extracted_tokens},
-        "stages": stage_rows,
-        "kept": {"docs": kept["docs_out"], "tokens": kept["tokens_out"]},
-        "kept_token_ratio": ratio,
-        "target_keep_ratio": target,
-        "quality_threshold": threshold,
-    }
-    if extract is not None:
-        funnel["extract"] = {"pages": extract["pages"], "docs": extract["docs"],
-                             "rejected_by_reason": extract["rejected_by_reason"]}
-    funnel["warnings"] = [] if threshold.get("reachable", True) else [threshold["note"]]
-    return funnel
+    return Funnel(
+        extracted=Count(docs=extracted_docs, tokens=extracted_tokens),
+        stages=stage_rows,
+        kept=Count(docs=kept["docs_out"], tokens=kept["tokens_out"]),
+        kept_token_ratio=kept["tokens_out"] / extracted_tokens if extracted_tokens else 0.0,
+        target_keep_ratio=threshold.get("target_keep_ratio"),
+        quality_threshold=threshold,
+        extract=None if extract is None else {"pages": extract["pages"], "docs": extract["docs"],
+                                              "rejected_by_reason": extract["rejected_by_reason"]},
+        warnings=[] if threshold.get("reachable", True) else [threshold["note"]])
 
 
-def funnel_table(funnel: dict) -> list[dict]:
-    total = max(funnel["extracted"]["tokens"], 1)
+def funnel_table(funnel: Funnel) -> list[dict]:
+    total = max(funnel.extracted.tokens, 1)
     rows = []
-    for r in funnel["stages"]:
-        top = ", ".join(f"{k} {v}" for k, v in list(r["drops"].items())[:3])
-        rows.append({"stage": r["stage"], "docs in": r["docs_in"], "docs out": r["docs_out"],
-                     "tokens in": r["tokens_in"], "tokens out": r["tokens_out"],
-                     "tokens kept of extracted": f"{r['tokens_out'] / total:.4f}", "top drops": top})
+    for r in funnel.stages:
+        top = ", ".join(f"{k} {v}" for k, v in list(r.drops.items())[:3])
+        rows.append({"stage": r.stage, "docs in": r.docs_in, "docs out": r.docs_out,
+                     "tokens in": r.tokens_in, "tokens out": r.tokens_out,
+                     "tokens kept of extracted": f"{r.tokens_out / total:.4f}", "top drops": top})
     return rows
 
 
-def plot_funnel(funnel: dict, path: Path) -> None:
-    stages = ["extracted"] + [r["stage"] for r in funnel["stages"]]
-    tokens = [funnel["extracted"]["tokens"]] + [r["tokens_out"] for r in funnel["stages"]]
-    docs = [funnel["extracted"]["docs"]] + [r["docs_out"] for r in funnel["stages"]]
+def plot_funnel(funnel: Funnel, path: Path) -> None:
+    stages = ["extracted"] + [r.stage for r in funnel.stages]
+    tokens = [funnel.extracted.tokens] + [r.tokens_out for r in funnel.stages]
+    docs = [funnel.extracted.docs] + [r.docs_out for r in funnel.stages]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.bar(stages, [max(t, 1) for t in tokens], color="#4c72b0")
     ax.set_yscale("log")
     ax.set_ylabel("tokens (words) remaining, log scale")
-    title = f"curation funnel: kept {funnel['kept_token_ratio']:.2%} of extracted tokens"
-    if funnel.get("target_keep_ratio"):
-        title += f" (target {funnel['target_keep_ratio']:.2%})"
+    title = f"curation funnel: kept {funnel.kept_token_ratio:.2%} of extracted tokens"
+    if funnel.target_keep_ratio:
+        title += f" (target {funnel.target_keep_ratio:.2%})"
     ax.set_title(title)
     for b, d, t in zip(bars, docs, tokens):
         ax.annotate(f"{d} docs\n{t} tok", (b.get_x() + b.get_width() / 2, max(t, 1)), ha="center",
@@ -136,22 +175,22 @@ def _count_axis(ax, counts) -> None:
         ax.set_ylabel("documents")
 
 
-def model_warnings(funnel: dict, min_holdout_auc: float, max_toxicity_removal: float) -> list[str]:
+def model_warnings(funnel: Funnel, min_holdout_auc: float, max_toxicity_removal: float) -> list[str]:
     """What a user should look at before trusting a model stage."""
     out = []
-    q = funnel.get("models", {}).get("quality", {})
+    q = funnel.models.get("quality", {})
     auc = q.get("holdout_auc")
     if auc is not None and auc < min_holdout_auc:
         out.append(f"quality model ({q.get('method')}) separates its held-out reference chunks from held-out "
                    f"negatives at ROC-AUC {auc:.3f} < {min_holdout_auc}: too small or too crawl-like a reference, "
                    f"or negatives full of reference-like text (try negatives=crawl+background or pu_rounds=1)")
-    t = funnel.get("models", {}).get("toxicity", {})
+    t = funnel.models.get("toxicity", {})
     if (fpr := t.get("heldout_doc_fpr")) is not None and fpr > 0.02:
         out.append(f"toxicity model removes {fpr:.1%} of its held-out clean prose: the clean data may not "
                    f"cover your text's topics (curate.toxicity.clean_data)")
-    tox = next((r for r in funnel["stages"] if r["stage"] == "toxicity"), None)
-    if tox and tox["docs_in"]:
-        share = (tox["docs_in"] - tox["docs_out"]) / tox["docs_in"]
+    tox = funnel.stage("toxicity")
+    if tox and tox.docs_in:
+        share = (tox.docs_in - tox.docs_out) / tox.docs_in
         if share > max_toxicity_removal:
             out.append(f"toxicity removed {share:.1%} of the documents that reached it (more than "
                        f"{max_toxicity_removal:.0%}): read rejected/ (stage toxicity) before trusting it")

@@ -156,5 +156,5 @@ def test_unreachable_target_is_reported_plainly(prefect_api, tmp_path):
     cfg = RefineryConfig.model_validate({"curate": {"quality": {
         "target_keep_ratio": 0.9, "reference": [str(CUR / "reference" / "gutenberg")]}}})
     funnel = curate_flow([str(tmp_path / "mix")], str(tmp_path / "out"), cfg)
-    assert not funnel["quality_threshold"]["reachable"]
-    assert any("not reachable" in w for w in funnel["warnings"]) and funnel["kept_token_ratio"] < 0.9
+    assert not funnel.quality_threshold["reachable"]
+    assert any("not reachable" in w for w in funnel.warnings) and funnel.kept_token_ratio < 0.9
