@@ -38,7 +38,7 @@ from corpus import DOMAINS, ROOT, check_data, default_data, domain_docs, web_pag
 
 from core.config import QualityConfig  # noqa: E402
 from tasks import fasttext_model as ft  # noqa: E402
-from tasks.extract import count_words  # noqa: E402
+from core.text import count_words  # noqa: E402
 from tasks.quality import _chunks, load_reference, score_crawl, train_quality  # noqa: E402
 
 SHARE = 0.10  # the domain's share of the mix's words

@@ -22,6 +22,8 @@ from core.config import ExtractConfig
 from tasks.decode import DecodeError, decode_content, decode_text, dechunk
 from core.io import write_parquet_atomic
 from core.media import EXTRACTABLE_TYPES, media_type
+from core.rejects import EXTRACT_REJECTS
+from core.text import count_words
 from tasks.warc import ReadStats, Record, file_problem, iter_records, looks_like_warc
 from tasks.workers import ItemFailed, borrow_pool
 
@@ -55,17 +57,6 @@ DOC_SCHEMA = pa.schema([
     ("charset", pa.string()),
 ])
 
-REJECT_SCHEMA = pa.schema([
-    ("url", pa.string()),
-    ("domain", pa.string()),
-    ("fetch_time", pa.timestamp("s", tz="UTC")),
-    ("source", pa.string()),
-    ("stage", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("n_bytes", pa.int64()),
-])
-
 
 @dataclass
 class ShardResult:
@@ -82,13 +73,6 @@ class ShardResult:
 
 
 # ---- pure helpers ---------------------------------------------------------------------
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def count_words(text: str) -> int:
-    return len(_WORD.findall(text))
-
 
 def doc_id(url: str, text: str) -> str:
     return hashlib.sha256(f"{url}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -295,7 +279,7 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
     docs_path = out_dir / "docs" / f"{shard_name}.parquet"
     rej_path = out_dir / "rejected" / f"{shard_name}.parquet"
     write_parquet_atomic(pa.Table.from_pylist([docs[k] for k in sorted(docs)], schema=DOC_SCHEMA), docs_path)
-    write_parquet_atomic(pa.Table.from_pylist([rejected[k] for k in sorted(rejected)], schema=REJECT_SCHEMA), rej_path)
+    write_parquet_atomic(pa.Table.from_pylist([rejected[k] for k in sorted(rejected)], schema=EXTRACT_REJECTS), rej_path)
     reasons = Counter(r["reason"] for r in rejected.values())
     return ShardResult(input=str(input_path), docs_path=str(docs_path), rejected_path=str(rej_path),
                        docs=len(docs), rejected=len(rejected), pages=pages, records=stats.records,

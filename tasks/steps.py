@@ -33,13 +33,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from core.rejects import CURATE_REJECTS
 from core.text import count_words
 
-REJECT_SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("domain", pa.string()),
-                           ("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
-                           ("detail", pa.string()), ("n_words", pa.int64()), ("groups", pa.list_(pa.string())),
-                           ("text", pa.string())])
-REJECT_COLUMNS = REJECT_SCHEMA.names
+REJECT_COLUMNS = CURATE_REJECTS.names
 DETAIL_CHARS = 300   # a rejected row's detail is cut to this length
 
 
@@ -110,7 +107,7 @@ def new_stats(stages: Iterable[str]) -> dict:
 
 
 def reject_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=CURATE_REJECTS)
 
 
 class Ledger:

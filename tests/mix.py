@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
+from core.text import count_words
+from tasks.extract import DOC_SCHEMA, doc_id, domain_of
 from core.io import write_parquet_atomic
 
 ROOT = Path(__file__).resolve().parent.parent

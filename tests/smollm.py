@@ -33,7 +33,8 @@ def smollm2_gguf() -> Path:
 
 def write_docs(texts: list[str], out: Path, name: str = "docs") -> Path:
     """Curated-document Parquet (what `refinery curate` writes), ready for the shard flow."""
-    from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
+    from core.text import count_words
+    from tasks.extract import DOC_SCHEMA, doc_id, domain_of
     from core.io import write_parquet_atomic
 
     rows = []

@@ -122,3 +122,22 @@ def test_every_flag_the_readme_shows_exists():
             assert flag in known, f"README: refinery {cmd} {flag}"
             seen += 1
     assert seen > 40
+
+
+def test_every_curate_section_with_settings_has_flags():
+    """A section added to the curate config gets its flags with no edit to the CLI."""
+    from pydantic import BaseModel
+
+    from core.config import CurateConfig
+
+    def leaves(model, path):
+        own = [f for f in model.model_fields.values() if not (isinstance(f.annotation, type)
+                                                               and issubclass(f.annotation, BaseModel))]
+        found = {path} if own else set()
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                found |= leaves(f.annotation, f"{path}.{name}")
+        return found
+
+    exposed = {a.dest[len(PREFIX):].rsplit(".", 1)[0] for a in _config_actions("curate")}
+    assert leaves(CurateConfig, "curate") == exposed - {"runner"}

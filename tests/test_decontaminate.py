@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.decontaminate import build_index, load_index, ngram_hashes, words_of
-from tasks.extract import DOC_SCHEMA, count_words, doc_id, domain_of
+from core.text import count_words
+from tasks.extract import DOC_SCHEMA, doc_id, domain_of
 from core.io import write_parquet_atomic
 from tests.mix import CUR, wikitext_articles
 
