@@ -64,6 +64,25 @@ def _help(info, default: Any) -> str:
     return text.replace("%", "%%")
 
 
+def sections_under(path: str, **custom: dict) -> list[Section]:
+    """A Section for every model under `path` that has settings of its own, prefixed by its name
+    (curate.rules.c4 -> --c4-...), so a section added to the config gets its flags with no edit here.
+    `custom` maps a section's name to Section arguments (aliases, note)."""
+    out = []
+    model = model_at(path)
+    if any(not _is_model(_strip_optional(f.annotation)) for f in model.model_fields.values()):
+        name = path.rsplit(".", 1)[-1]
+        out.append(Section(path, prefix=name.replace("_", "-") + "-", **custom.get(name, {})))
+    for name, f in model.model_fields.items():
+        if _is_model(_strip_optional(f.annotation)):
+            out += sections_under(f"{path}.{name}", **custom)
+    return out
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
 def _metavar(name: str, t: type) -> str:
     return "PATH" if name in PATH_FIELDS else {str: "TEXT", int: "INT", float: "NUM"}.get(t, t.__name__.upper())
 
