@@ -30,7 +30,8 @@ from tests.crawl_servers import (CrawlServer, chunked, gzipped, hang_first, page
                                  robots, sequence, slow, status, stream)
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 0.02   # server-side arrival gaps may be a hair shorter than the client's start gaps
+TOL = 0.05   # server-side arrival gaps may be shorter than the client's start gaps: on a loaded 2-core box one
+             # request can reach the server late and the next on time (measured 0.379 s for a 0.4 s delay)
 
 
 def cfg(**kw) -> CrawlConfig:
