@@ -414,7 +414,7 @@ def config_fingerprint(model: BaseModel) -> str:
 
 
 # config fields that name files or folders a run reads (wherever they occur in the config; `paths`:
-# curate.decontaminate.paths and `data`: eval.data, the evaluation sets). flows/guard.py confines them
+# curate.decontaminate.paths and `data`: eval.data, the evaluation sets). core/guard.py confines them
 # on a server; absolute_paths() anchors them to the working directory the user gave them in.
 PATH_FIELDS = {"model_path", "reference", "training_data", "wordlist", "groups_file", "tokenizer_path",
                "compare_tokenizer", "base", "background", "clean_data", "paths", "data"}

@@ -55,11 +55,13 @@ def load_eval_set(path: str | Path) -> EvalSet:
         return EvalSet(name, str(p), _shard_texts(p.parent, p.name), "shards")
     if p.is_file():
         return EvalSet(name, str(p), _file_texts(p), p.suffix.lstrip(".").lower())
-    files = sorted(f for f in p.rglob("*.parquet") if f.is_file() and not f.name.startswith("."))
+    from core.guard import files_under
+
+    files = files_under(p, lambda f: f.suffix == ".parquet" and not f.name.startswith("."))
     kind = "parquet"
     if not files:
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".jsonl", ".txt")
-                       and f.name not in _NOT_TEXT and not f.name.startswith("."))
+        files = files_under(p, lambda f: f.suffix.lower() in (".jsonl", ".txt") and f.name not in _NOT_TEXT
+                            and not f.name.startswith("."))
         kind = "jsonl" if files and all(f.suffix.lower() == ".jsonl" for f in files) else "txt"
     if not files:
         raise EvalDataError(f"{p}: a folder with no .parquet, .jsonl or .txt files and no manifest.json")

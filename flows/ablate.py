@@ -29,10 +29,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from core.redact import install as install_redaction
 from core.config import SAMPLE, RefineryConfig
 from flows.curate import run_curate
 from flows.extract import run_extract
-from flows.guard import confine
+from core.guard import confine
 from flows.shard import run_shard
 from flows.train import run_train
 from core.eval_data import set_name
@@ -74,6 +75,7 @@ def proxy_config(cfg: RefineryConfig, heldout: str) -> RefineryConfig:
 @flow(name="ablate", log_prints=True)
 def ablate_flow(inputs: list[str] | None = None, out_dir: str = "runs/ablate", config: RefineryConfig | None = None,
                 heldout: str | None = None, variants: list[str] | None = None) -> dict:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     heldout = str(Path(heldout or DEFAULT_HELDOUT).expanduser().resolve())
     variants = list(variants or VARIANTS)

@@ -11,8 +11,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import progress
+from core.redact import install as install_redaction
 from core.config import CrawlConfig, RefineryConfig
-from flows.guard import confine
+from core.guard import confine
 from core.retry import retry_options
 from tasks.fetch import crawl
 
@@ -45,6 +46,7 @@ def run_crawl(seeds: list[str], out_dir: str, config: RefineryConfig) -> dict:
 
 @flow(name="crawl", log_prints=True)
 def crawl_flow(seeds_file: str, out_dir: str, config: RefineryConfig | None = None) -> dict:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"seeds_file": seeds_file}, config=cfg)
     return run_crawl(read_seeds(seeds_file), out_dir, cfg)

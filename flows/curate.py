@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from core.redact import install as install_redaction
 from core import faults
 from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from core.config import CurateConfig, RefineryConfig
-from flows.guard import confine
+from core.guard import confine
 from flows.extract import run_extract
 from core.retry import retry_options
 from tasks import curate as steps
@@ -355,6 +356,7 @@ def models_markdown(models: dict) -> list[str]:
 
 @flow(name="curate", log_prints=True)
 def curate_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> Funnel:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
     return run_curate(inputs, out_dir, cfg)

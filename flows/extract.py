@@ -10,11 +10,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from core.redact import install as install_redaction
 from core import faults
 from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from core.config import ExtractConfig, RefineryConfig
-from flows.guard import confine
+from core.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
 from core.retry import retry_options
 from tasks.extract import extract_shard, shard_inputs
@@ -90,6 +91,7 @@ def summarize(results: list[dict]) -> dict:
 
 @flow(name="extract", log_prints=True)
 def extract_flow(inputs: list[str], out_dir: str, config: RefineryConfig | None = None) -> dict:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
     return run_extract(inputs, out_dir, cfg)

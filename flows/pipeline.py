@@ -11,8 +11,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from core.redact import install as install_redaction
 from core.config import RefineryConfig
-from flows.guard import confine
+from core.guard import confine
 from flows.crawl import run_crawl
 from flows.curate import run_curate
 from flows.extract import run_extract
@@ -26,6 +27,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 @flow(name="data-to-model", log_prints=True)
 def data_to_model(out_dir: str = "runs/sample", inputs: list[str] | None = None, crawl_demo: bool = True,
              config: RefineryConfig | None = None) -> dict:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"inputs": inputs}, config=cfg)
     log = get_run_logger()

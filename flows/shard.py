@@ -15,11 +15,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
+from core.redact import install as install_redaction
 from core import faults
 from flows import progress
 from flows.caching import input_fingerprint, map_shards, shard_cache_key
 from core.config import RefineryConfig, ShardConfig
-from flows.guard import confine
+from core.guard import confine
 from core.retry import retry_options
 from tasks import shard as steps
 from core.io import exclusive_dir, file_sha256
@@ -139,6 +140,7 @@ def report(out: Path, manifest: Manifest, tok: dict) -> None:
 
 @flow(name="shard", log_prints=True)
 def shard_flow(input_dir: str, out_dir: str, config: RefineryConfig | None = None) -> Manifest:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     confine(writes={"out_dir": out_dir}, reads={"input_dir": input_dir}, config=cfg)
     return run_shard(input_dir, out_dir, cfg)

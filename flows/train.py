@@ -31,12 +31,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 
+from core.redact import install as install_redaction, redact
 from core import faults
 from flows import progress
 from flows.caching import code_version
 from core.config import RefineryConfig, absolute_paths
-from flows.guard import confine
-from core.redact import redact
+from core.guard import confine
 from core.retry import PermanentError, retry_options
 from core.io import atomic_path, exclusive_dir
 from core.train_run import RunSpec, TrainResult
@@ -95,9 +95,9 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def run_fingerprint(spec: RunSpec, shards_sha256: str) -> str:
+def run_fingerprint(spec: RunSpec | dict, shards_sha256: str) -> str:
     """What a training run's checkpoints depend on: the shards, the spec (but `resume`) and the code."""
-    parts = [shards_sha256, spec.identity(), code_version("core", "models", "flows", "tasks")]
+    parts = [shards_sha256, RunSpec.model_validate(spec).identity(), code_version("core", "models", "flows", "tasks")]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
@@ -143,8 +143,9 @@ def same_run(out: Path, fingerprint: str) -> bool:
 
 
 @task(name="train", cache_key_fn=train_cache_key, persist_result=True)
-def train_task(spec: RunSpec, shards_sha256: str) -> TrainResult:
+def train_task(spec: RunSpec | dict, shards_sha256: str) -> TrainResult:
     log = get_run_logger()
+    spec = RunSpec.model_validate(spec)      # run.json's schema, whoever calls (a served run passes JSON)
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = get_run_context()
@@ -303,6 +304,7 @@ def _train(shards_dir: str, out: Path, config: RefineryConfig, resume: bool) -> 
 
 @flow(name="train", log_prints=True)
 def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = None, resume: bool = False) -> TrainResult:
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = absolute_paths(config or RefineryConfig())   # the trainer runs in another working directory
     confine(writes={"out_dir": out_dir}, reads={"shards_dir": shards_dir}, config=cfg)
     return run_train(shards_dir, out_dir, cfg, resume)
@@ -312,6 +314,7 @@ def train_flow(shards_dir: str, out_dir: str, config: RefineryConfig | None = No
 def finetune_flow(base: str, shards_dir: str, out_dir: str, method: Literal["full", "lora", "prompt", "qlora"] = "lora",
                   config: RefineryConfig | None = None, resume: bool = False) -> TrainResult:
     """Fine-tune `base` (our export, a Hugging Face folder or a GGUF file) on shards made with its tokenizer."""
+    install_redaction()    # a served run runs in a process of its own: scrub its logs from the start
     cfg = config or RefineryConfig()
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"base": base, "method": method})})
     cfg = absolute_paths(cfg)   # the trainer runs in another working directory

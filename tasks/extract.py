@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from core.config import ExtractConfig
 from tasks.decode import DecodeError, decode_content, decode_text, dechunk
+from core.guard import files_under
 from core.io import write_parquet_atomic
 from core.media import EXTRACTABLE_TYPES, media_type
 from core.rejects import EXTRACT_REJECTS
@@ -187,7 +188,7 @@ def shard_inputs(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            files = sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+            files = files_under(p, lambda x: not x.name.startswith("."))
             warcs = [x for x in files if WARC_NAME.search(x.name) or looks_like_warc(x)]
             shards.extend(warcs)
             if any(x.suffix.lower() in HTML_SUFFIXES for x in files):
@@ -217,7 +218,7 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
     stats = ReadStats()
     problem = None if input_path.is_dir() else file_problem(input_path)
     if input_path.is_dir():
-        html = [x for x in input_path.rglob("*") if x.is_file() and x.suffix.lower() in HTML_SUFFIXES]
+        html = files_under(input_path, lambda x: x.suffix.lower() in HTML_SUFFIXES)
         records: Iterator[Record] = html_file_records(html, cfg.max_html_bytes)
     elif problem is None:
         records = iter_records(input_path, stats, max_payload=cfg.max_html_bytes)

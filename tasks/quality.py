@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from core.config import QualityConfig
+from core.guard import files_under
 from tasks import fasttext_model as ft
 from tasks.select_io import method_of
 
@@ -34,7 +35,7 @@ def _files(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _SUFFIXES and f.name not in _NOT_TEXT)
+            out += files_under(p, lambda f: f.suffix in _SUFFIXES and f.name not in _NOT_TEXT)
         elif p.is_file():
             out.append(p)
         else:

@@ -76,7 +76,7 @@ def test_the_index_is_built_once_and_rebuilt_when_its_files_change(tmp_path):
 
 def test_stages_and_guard(tmp_path, monkeypatch):
     from core.config import RefineryConfig
-    from flows.guard import ENV, PathNotAllowed, confine
+    from core.guard import ENV, PathNotAllowed, confine
     from tasks.curate import stages
 
     off = RefineryConfig().curate

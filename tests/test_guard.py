@@ -1,4 +1,4 @@
-"""Data roots of served runs (flows/guard.py): pure checks, then a real flow refused before it writes."""
+"""Data roots of served runs (core/guard.py): pure checks, then a real flow refused before it writes."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from core.config import RefineryConfig
-from flows.guard import ENV, PATH_FIELDS, PathNotAllowed, confine
+from core.guard import ENV, PATH_FIELDS, PathNotAllowed, confine
 
 
 @pytest.fixture
@@ -65,3 +65,46 @@ def test_a_flow_with_an_outside_path_fails_before_writing(roots, tmp_path, prefe
     with pytest.raises(PathNotAllowed):
         shard_flow(str(roots), str(out))
     assert not out.exists()
+
+
+def test_a_symlink_inside_a_root_cannot_carry_reads_outside(roots, tmp_path, monkeypatch):
+    """The folder is inside the roots, the file it links to is not: refused where a step lists a folder
+    (extraction inputs, HTML folders, reference text, evaluation sets), naming the file."""
+    from core.eval_data import load_eval_set
+    from tasks.extract import shard_inputs
+    from tasks.quality import _files
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "notes.html").write_text("<html><body><p>private</p></body></html>")
+    (secret / "notes.txt").write_text("private text")
+    pages = roots / "pages"
+    pages.mkdir()
+    (pages / "ok.html").write_text("<html><body><p>public</p></body></html>")
+    (pages / "leak.html").symlink_to(secret / "notes.html")
+    ref = roots / "ref"
+    ref.mkdir()
+    (ref / "a.txt").write_text("public text")
+    (ref / "b.txt").symlink_to(secret / "notes.txt")
+    for read in (lambda: shard_inputs([str(pages)]), lambda: _files([str(ref)]), lambda: load_eval_set(ref)):
+        with pytest.raises(PathNotAllowed, match=r"(leak\.html|b\.txt).*outside the data roots"):
+            read()
+    (roots / "inside.txt").write_text("fine")
+    (ref / "b.txt").unlink()
+    (ref / "b.txt").symlink_to(roots / "inside.txt")           # a link that stays inside is fine
+    assert [p.name for p in _files([str(ref)])] == ["a.txt", "b.txt"]
+    monkeypatch.delenv(ENV)                                     # the command line: the user's own files
+    assert [p.name for p in shard_inputs([str(pages)])] == ["pages"] and len(_files([str(ref)])) == 2
+
+
+def test_an_extract_run_on_a_folder_with_an_escaping_symlink_fails_before_reading(roots, tmp_path, prefect_api):
+    from flows.extract import extract_flow
+
+    outside = tmp_path / "outside.html"
+    outside.write_text("<html><body><p>" + "private words " * 50 + "</p></body></html>")
+    pages = roots / "pages"
+    pages.mkdir()
+    (pages / "leak.html").symlink_to(outside)
+    with pytest.raises(PathNotAllowed, match="leak.html"):
+        extract_flow([str(pages)], str(roots / "out"))
+    assert not list((roots / "out").rglob("*.parquet"))

@@ -6,7 +6,7 @@ Where a name is derived, and what is checked here with hostile input (`../../etc
     names; checked on hostile paths, then through `tasks.extract.extract_shard` on real files so named;
   - crawl: no file name comes from a URL (WARC files are `crawl-NNNNN.warc.gz`, the log and journal
     are fixed names); checked by crawling hostile URLs and listing what was written;
-  - path parameters of served runs (out_dir, inputs, ...): `flows.guard.confine`, every value either
+  - path parameters of served runs (out_dir, inputs, ...): `core.guard.confine`, every value either
     refused or resolved under the data root;
   - the WARC writer's file-name prefix (`tasks/warc_writer.py`) must be one plain path component.
 curate and shard name their outputs after the stems of files already on disk (plus a hash), so a
@@ -26,7 +26,7 @@ from crawl_servers import CrawlServer, page
 from flows.caching import input_fingerprint
 from core.config import CrawlConfig, ExtractConfig
 from flows.extract import shard_name
-from flows.guard import ENV, PathNotAllowed, confine
+from core.guard import ENV, PathNotAllowed, confine
 from tasks.extract import extract_shard
 from tasks.fetch import crawl
 from tasks.urls import normalize_url

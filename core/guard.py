@@ -6,11 +6,16 @@ path fields of its config against it before it touches anything. A path is allow
 resolves, symlinks and `..` included, to a root or below one. The bundled `sample/` and the bias
 groups file are readable too, because the defaults use them. Without the variable, as on the
 command line, paths are the user's own business and nothing is checked.
+
+A folder inside a root may hold a symlink to a file outside it: `files_under` lists a folder's files
+for the steps that read folders (extraction inputs, reference text, evaluation sets) and refuses the
+run on such a file, before it is read.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from core.config import PATH_FIELDS  # the config fields that name files a run reads
 
@@ -72,3 +77,17 @@ def confine(writes: dict | None = None, reads: dict | None = None, config=None) 
     if config is not None:
         for name, v in _config_reads(config.model_dump(mode="json")):
             _check(name, str(v), readable)
+
+
+def files_under(folder: str | Path, keep: Callable[[Path], bool] = lambda f: True) -> list[Path]:
+    """The files below `folder` (sorted; subfolders included, symlinked folders not entered) that pass
+    `keep`. On a server, one that resolves outside the data roots and the bundled readable files
+    raises PathNotAllowed naming it: a symlink must not carry a run's reads out of its roots."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and keep(f))
+    allowed = roots()
+    if allowed:
+        readable = allowed + [p.resolve() for p in ALSO_READABLE]
+        for f in files:
+            _check(f"a file in {folder}", str(f), readable)
+    return files
