@@ -1,8 +1,7 @@
 """The refinery's Prefect flows.
 
-Importing this package scrubs secrets from every log record this process creates (core/redact.py):
-served runs, CLI runs and Dask workers all import it before they log anything of ours.
+Importing this package has no side effect. Log redaction (core/redact.py) is installed by whatever
+starts the work, explicitly: the CLI and `deployments/serve.py` at start, every flow as its first
+statement (a served run executes in a process of its own), Dask workers through a worker plugin
+(flows/dask_runner.py) and the trainer in its main.
 """
-from core import redact as _redact
-
-_redact.install()

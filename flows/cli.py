@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core import redact
+
+    redact.install()        # before anything logs: secrets never reach a terminal, a log file or the API
     args = build_parser().parse_args(argv)
     try:
         cfg: RefineryConfig = load_config(args.config, overrides(args))

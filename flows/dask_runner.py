@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
 
@@ -37,11 +38,25 @@ def close_worker_pools() -> None:
     close_all()
 
 
+class _ScrubLogs(WorkerPlugin):
+    """A Dask worker plugin: every worker, present or started later, installs log redaction, since
+    the tasks it runs log to the flow's API (core/redact.py)."""
+    name = "refinery-redact"
+
+    def setup(self, worker) -> None:
+        from core.redact import install
+
+        install()
+
+
 class RefineryDaskTaskRunner(DaskTaskRunner):
     """A DaskTaskRunner whose tasks report to the flow's Prefect API (see the module docstring).
     Workers must also share the filesystem: output folders and PREFECT_HOME's result storage."""
 
     def submit(self, task, parameters: dict[str, Any], wait_for=None, dependencies=None):
+        if not getattr(self, "_scrubbing", False):      # the client (and cluster) start on first use
+            self.client.register_plugin(_ScrubLogs())
+            self._scrubbing = True
         url = flow_api_url()
         with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext():
             return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)

@@ -19,6 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 
+from core import redact  # noqa: E402
+
+redact.install()   # the test process is an entry point too: flows defined in tests log scrubbed
+
 
 @pytest.fixture(scope="session")
 def prefect_api():
