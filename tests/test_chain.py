@@ -1,0 +1,109 @@
+"""`serve.chain_train` end to end on a real `prefect server`: an API-triggered `shard` run completes, its
+`refinery.shard.completed` event fires the `train` deployment's trigger, and the triggered run trains
+on exactly those shards into SHARDS-train (its own module: with chaining on, every shard run of the
+other serve tests would start a training run)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_serve import TERMINAL, free_port, post, stop, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _texts() -> list[str]:
+    """Real prose: the bundled reference paragraphs (WikiText-2 and Gutenberg), a few hundred of them."""
+    raw = (ROOT / "sample" / "curation" / "reference" / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
+    paras = [p.strip() for p in raw.split("\n") if len(p.split()) > 40]
+    return paras[:300]
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain")
+    data = tmp / "data"
+    from smollm import write_docs
+
+    write_docs(_texts(), data / "curated")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PYTHONPATH": str(ROOT)}
+    logs = {n: open(tmp / f"{n}.log", "wb") for n in ("server", "serve")}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=logs["server"], stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    procs = [server]
+    try:
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", procs)
+        cfg = tmp / "refinery.yaml"
+        cfg.write_text(json.dumps({
+            "serve": {"crawl_cron": None, "data_roots": [str(data)], "chain_train": True, "limit": 2},
+            "shard": {"vocab_size": 1024, "val_fraction": 0.1},
+            "train": {"max_steps": 4, "seq_len": 64, "batch_size": 4, "val_every": 4, "val_batches": 2,
+                      "checkpoint_every": 4, "accelerator": "cpu"},
+            "eval": {"enabled": False}}))
+        serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(cfg)],
+                                 env=env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        procs.append(serve)
+
+        def deployments():
+            r = post(f"{api}/deployments/filter", json={}).json()
+            return {d["name"]: d for d in r} if len(r) >= 7 else None
+
+        deps = wait_for(deployments, 240, "the served deployments", procs)
+        yield {"api": api, "deployments": deps, "data": data, "tmp": tmp, "procs": procs}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        for f in logs.values():
+            f.close()
+
+
+def _runs(api: str, deployment_id: str) -> list[dict]:
+    r = post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment_id]}}})
+    return r.json() if r.status_code == 200 else []
+
+
+def test_a_completed_shard_run_triggers_training_on_its_shards(chained):
+    api, deps, data = chained["api"], chained["deployments"], chained["data"]
+    shards = data / "shards"
+    assert not _runs(api, deps["train"]["id"])                  # nothing trains before the event
+    r = post(f"{api}/deployments/{deps['shard']['id']}/create_flow_run",
+             json={"parameters": {"input_dir": str(data / "curated"), "out_dir": str(shards)}})
+    assert r.status_code == 201, r.text[:1000]
+    shard_run = r.json()["id"]
+
+    def ended(run_id):
+        def check():
+            r = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+            return r.json()["state"] if r.status_code == 200 and r.json()["state"]["type"] in TERMINAL else None
+        return check
+
+    log = lambda: (chained["tmp"] / "serve.log").read_text()[-4000:]  # noqa: E731
+    state = wait_for(ended(shard_run), 300, "the shard run", chained["procs"])
+    assert state["type"] == "COMPLETED", (state, log())
+    assert (shards / "manifest.json").is_file()
+
+    # the event's trigger creates the train run; the serve process runs it to its end
+    train_runs = wait_for(lambda: _runs(api, deps["train"]["id"]) or None, 120, "the triggered train run",
+                          chained["procs"])
+    assert len(train_runs) == 1
+    run = train_runs[0]
+    assert run["parameters"]["shards_dir"] == str(shards.resolve())
+    assert run["parameters"]["out_dir"] == f"{shards.resolve()}-train"
+    state = wait_for(ended(run["id"]), 600, "the triggered train run", chained["procs"])
+    assert state["type"] == "COMPLETED", (state, log())
+    result = json.loads(Path(f"{shards.resolve()}-train", "result.json").read_text())
+    assert result["steps"] == 4 and Path(result["export"], "model.safetensors").is_file()
+    # one event, one training run: nothing else was triggered meanwhile
+    assert len(_runs(api, deps["train"]["id"])) == 1
