@@ -106,3 +106,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_dir(kind: str) -> Path:
+    """A folder for what a run can rebuild but should not have to (derived artifacts keyed by their
+    inputs' content): $REFINERY_CACHE/kind, default ~/.cache/llm-refinery/kind."""
+    root = os.environ.get("REFINERY_CACHE") or Path.home() / ".cache" / "llm-refinery"
+    return Path(root) / kind

@@ -48,6 +48,47 @@ def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
+def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """cache_key_fn for tasks whose output does not depend on where it is written (the classifiers):
+    (input content, config, code), not the output folder. A run into a new folder reuses the result
+    of another folder's run and copies its files in (`adopt`)."""
+    cfg = parameters.get("config")
+    cfg_json = cfg.model_dump_json() if hasattr(cfg, "model_dump_json") else repr(cfg)
+    parts = [context.task.name, parameters["input_sha256"], cfg_json, code_version("core", "tasks", "flows")]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def adopt(result: dict, folder: Path) -> dict:
+    """A result whose files (`path`, `outputs`) lie in another run's folder, copied into `folder` (hard
+    links where the filesystem allows, each placed atomically) and pointed at the copies."""
+    import os
+    import shutil
+
+    from core.io import atomic_path
+
+    old, folder = Path(result["path"]).parent, Path(folder)
+    if old.resolve() == folder.resolve():
+        return result
+    for f in result.get("outputs", []):
+        src = Path(f)
+        with atomic_path(folder / src.relative_to(old)) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+
+    def move(v):
+        if isinstance(v, str) and v.startswith(str(old) + os.sep):
+            return str(folder / Path(v).relative_to(old))
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return move(result)
+
+
 def outputs_present(result: dict) -> bool:
     """A cached result is only as good as its files: all of `result['outputs']` must exist."""
     return all(Path(p).is_file() for p in result.get("outputs", []))

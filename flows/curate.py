@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from core.redact import install as install_redaction
 from core import faults
 from flows import progress
-from flows.caching import input_fingerprint, map_shards, shard_cache_key
+from flows.caching import adopt, content_cache_key, input_fingerprint, map_shards, shard_cache_key
 from core.config import CurateConfig, RefineryConfig
 from core.guard import confine
 from flows.extract import run_extract
@@ -53,7 +53,7 @@ def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, conf
     return {"path": str(path), "sha256": file_sha256(path), "dropped": drops.num_rows, "outputs": [str(path)]}
 
 
-@task(name="train-quality", cache_key_fn=shard_cache_key, persist_result=True)
+@task(name="train-quality", cache_key_fn=content_cache_key, persist_result=True)
 def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.quality import load_reference, model_filename, train_quality
 
@@ -79,7 +79,7 @@ def _words(texts: list[str]) -> int:
     return sum(count_words(t) for t in texts)
 
 
-@task(name="train-toxicity", cache_key_fn=shard_cache_key, persist_result=True)
+@task(name="train-toxicity", cache_key_fn=content_cache_key, persist_result=True)
 def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.toxicity import calibration_path, load_labeled, train_toxicity
 
@@ -207,14 +207,15 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> Funnel:
     else:
         bg = [input_fingerprint(b) for b in cfg.quality.background] if cfg.quality.negatives != "crawl" else []
         ref_sha = _combine(*[input_fingerprint(r) for r in cfg.quality.reference], *bg, *shas.values())
-        qmodel = map_shards(train_quality_task, [([str(p) for p in docs], ref_sha, str(out), cfg)], **opts)[0]
+        qmodel = adopt(map_shards(train_quality_task, [([str(p) for p in docs], ref_sha, str(out), cfg)], **opts)[0],
+                       models)
     if cfg.toxicity.model_path:
         tmodel = copy_toxicity_model(cfg.toxicity.model_path, models)
     else:
         tox_sha = _combine(file_sha256(cfg.toxicity.training_data), file_sha256(cfg.bias.groups_file),
                            *[input_fingerprint(r) for r in cfg.toxicity.clean_data])
         tox_args = (cfg.toxicity.training_data, tox_sha, str(out), cfg)
-        tmodel = map_shards(train_toxicity_task, [tox_args], **opts)[0]
+        tmodel = adopt(map_shards(train_toxicity_task, [tox_args], **opts)[0], models)
     from tasks.toxicity import calibration_path
 
     side = calibration_path(tmodel["path"])

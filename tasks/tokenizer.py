@@ -107,8 +107,30 @@ def domain_words(ours, general, texts: list[str], top: int = 30) -> list[dict]:
 
 def general_tokenizer(vocab_size: int, n_sentinels: int):
     """The baseline for `domain_words` when the user names none: a BPE of the same size trained
-    the same way on bundled general English (WikiText-2, Gutenberg novels, inaugural addresses)."""
+    the same way on bundled general English (WikiText-2, Gutenberg novels, inaugural addresses).
+    It depends on nothing a run changes, so it is trained once per (text, size, code) and kept in
+    the cache folder (core.io.cache_dir): it cost every `refinery shard` 18-25 s of CPU."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    from core.io import cache_dir, file_sha256, write_text_atomic
+
+    files = sorted(GENERAL_TEXT.rglob("*.txt"))
+    key = hashlib.sha256("\x1f".join([str(vocab_size), str(n_sentinels), file_sha256(__file__),
+                                      *(f"{f.relative_to(GENERAL_TEXT)}:{file_sha256(f)}" for f in files)])
+                         .encode()).hexdigest()[:24]
+    path = cache_dir("general-tokenizers") / f"bpe-{vocab_size}-{key}.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001 - absent or unreadable: train it again
+        pass
     texts = []
-    for f in sorted(GENERAL_TEXT.rglob("*.txt")):
+    for f in files:
         texts += [p for p in f.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
-    return train_bpe(texts, vocab_size, 2, n_sentinels)
+    tok = train_bpe(texts, vocab_size, 2, n_sentinels)
+    try:
+        write_text_atomic(tok.to_str(), path)
+    except OSError:
+        pass                     # a read-only home: the report is the same, only slower next time
+    return tok

@@ -148,6 +148,36 @@ def test_rerun_is_cached(curated):
     assert runs and all(t.state.name == "Cached" for t in runs), [(t.name, t.state.name) for t in runs]
 
 
+def test_a_run_into_a_new_folder_reuses_the_classifiers(curated):
+    """The classifiers cache on their inputs, not on the output folder: a run into another folder takes
+    both from cache and places the same files there (hard links here), and its funnel is the same."""
+    import os
+
+    from flows.curate import curate_flow
+    from tests.test_flows import _task_runs
+
+    base, cfg, _ = curated
+    state = curate_flow([str(base / "mix")], str(base / "elsewhere"), cfg, return_state=True)
+    assert state.is_completed(), state
+    import time
+    deadline = time.monotonic() + 30          # task-run states reach the API as events: wait for the last ones
+    while True:
+        tr = _task_runs(state.state_details.flow_run_id)
+        if (tr and all(t.state.is_final() for t in tr)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    runs = {t.name.rsplit("-", 1)[0]: t.state.name for t in tr}
+    assert runs["train-quality"] == "Cached" and runs["train-toxicity"] == "Cached", runs
+    assert runs["curate-filter"] != "Cached"                  # the shard tasks write into their folder
+    for name in ("quality.npz", "toxicity.bin"):
+        a, b = base / "out" / "models" / name, base / "elsewhere" / "models" / name
+        assert b.is_file() and os.stat(a).st_ino == os.stat(b).st_ino, name
+    old, new = (json.loads((base / d / "funnel.json").read_text()) for d in ("out", "elsewhere"))
+    assert new["stages"] == old["stages"] and new["kept"] == old["kept"]
+    assert str(base / "elsewhere" / "models") in json.dumps(new["models"])
+    assert str(base / "out") not in json.dumps(new)
+
+
 def test_unreachable_target_is_reported_plainly(prefect_api, tmp_path):
     from core.config import RefineryConfig
     from flows.curate import curate_flow
