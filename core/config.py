@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Model(BaseModel):
@@ -328,6 +328,18 @@ class ServeConfig(_Model):
     data_roots: list[str] = Field(default_factory=lambda: ["data", "runs"], min_length=1,
                                   description="the only folders API-triggered runs may read and write (the "
                                               "bundled sample is readable too); relative to the serve process")
+    heartbeat_s: int = Field(30, ge=30, description="a served run's process sends a heartbeat every N seconds "
+                                                    "(Prefect's minimum: 30)")
+    crash_after_s: int | None = Field(None, ge=60, description="a served run silent this long (its process died: "
+                                                               "SIGKILL, OOM, a lost host) is marked Crashed; "
+                                                               "default: 3 heartbeats, at least 2")
+
+    @model_validator(mode="after")
+    def _window_spans_heartbeats(self) -> "ServeConfig":
+        if self.crash_after_s is not None and self.crash_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"crash_after_s={self.crash_after_s} must be at least twice heartbeat_s="
+                             f"{self.heartbeat_s}: one late heartbeat would crash a live run")
+        return self
 
 
 class RunnerConfig(_Model):

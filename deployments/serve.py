@@ -13,8 +13,10 @@ answers 422 to a run with a wrong parameter, so no run is created that would cra
 `train` and `finetune` take the `refinery-gpu` global concurrency limit (1 slot, created here): two
 training runs never share a device. With `serve.chain_train`, a completed `shard` run (its
 `refinery.shard.completed` event) starts `train` on that run's output. Served runs may only read and
-write under `serve.data_roots` (flows/guard.py): a path parameter pointing elsewhere fails the run
-before it touches anything.
+write under `serve.data_roots` (core/guard.py): a path parameter pointing elsewhere fails the run
+before it touches anything. A served run whose process dies (SIGKILL, OOM) is marked Crashed once its
+heartbeats stop for `serve.crash_after_s` (flows/crash.py: the deployments carry its tag, the runs
+heartbeat every `serve.heartbeat_s`, and the automation that crashes silent runs is installed here).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")      # the client's telemetry and its first-run banner
 
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
-ENV = "REFINERY_DATA_ROOTS"     # flows.guard.ENV, without importing flows before the path is set
+ENV = "REFINERY_DATA_ROOTS"     # core.guard.ENV, without importing the project before the path is set
 
 
 def closed(deployment):
@@ -64,6 +66,7 @@ def load_flow(entrypoint: str):
 def build_deployments(cfg) -> list:
     from prefect.events import DeploymentEventTrigger
 
+    from flows.crash import WATCH_TAG
     from flows.extract import with_concurrency
 
     config = cfg.model_dump(mode="json")       # the served config is every deployment's default
@@ -82,7 +85,8 @@ def build_deployments(cfg) -> list:
             flow = with_concurrency(flow, cfg)
         extra = dict(own.get(d["name"], {}))
         params = {**extra.pop("parameters", {}), "config": config}
-        out.append(closed(flow.to_deployment(d["name"], tags=d["tags"], description=d["description"],
+        tags = [*d["tags"], WATCH_TAG]      # the crash automation judges only runs that carry it
+        out.append(closed(flow.to_deployment(d["name"], tags=tags, description=d["description"],
                                              parameters=params, **extra)))
     return out
 
@@ -105,17 +109,26 @@ def ensure_gpu_limit(slots: int = 1) -> None:
 def main(argv: list[str] | None = None) -> None:
     from prefect import serve
 
+    from core import redact
     from core.config import load_config
+
+    redact.install()        # the serve process logs too (each served run installs it in its own process)
 
     ap = argparse.ArgumentParser(prog="deployments/serve.py")
     ap.add_argument("--config", help="YAML configuration (the served defaults)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    # served runs inherit this: every flow refuses paths outside these roots (flows/guard.py)
+    # served runs inherit this: every flow refuses paths outside these roots (core/guard.py)
     os.environ[ENV] = os.pathsep.join(str(Path(r).resolve()) for r in cfg.serve.data_roots)
+    from flows.crash import crash_settings, ensure_crash_automation
+
+    heartbeat_s, window_s = crash_settings(cfg.serve)
     ensure_gpu_limit()
-    serve(*build_deployments(cfg), limit=cfg.serve.limit, print_starting_message=True)
+    ensure_crash_automation(window_s)
+    # the runner gives each run's process PREFECT_FLOWS_HEARTBEAT_FREQUENCY=heartbeat_s
+    serve(*build_deployments(cfg), limit=cfg.serve.limit, print_starting_message=True,
+          heartbeat_seconds=heartbeat_s)
 
 
 if __name__ == "__main__":
