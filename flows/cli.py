@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
+    watched = bool(os.environ.get("PREFECT_API_URL"))
+    if watched:   # a real server: its crash automation (flows/crash.py) judges this run as a served one
+        os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.serve.heartbeat_s))
     from flows import progress  # Prefect imports are slow; only pay for them when working
 
     from core.shard_format import ShardError
@@ -225,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_progress and sys.stderr.isatty():
         progress.start()
     try:
-        result = _dispatch(args, cfg)
+        if watched:
+            from prefect import tags
+
+            from flows.crash import WATCH_TAG
+
+            with tags(WATCH_TAG):
+                result = _dispatch(args, cfg)
+        else:
+            result = _dispatch(args, cfg)
     except (FileNotFoundError, PlanRefused) as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 2

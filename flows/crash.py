@@ -15,12 +15,11 @@ at Prefect's default 180 s would be Crashed, alive, by a 90 s window. So it only
 WATCH_TAG, which `deployments/serve.py` puts on the deployments it serves, whose runs it also makes
 heartbeat every `heartbeat_s` (the tag travels into the runs and their events).
 
-Not covered: a foreground `refinery run` (or any CLI stage). Its flow runs in the CLI process, whose
-engine heartbeats too (every 180 s, Prefect's default), but its runs are not tagged, so nothing judges
-them: SIGKILLed, such a run stays Running (on its own temporary server when PREFECT_API_URL is unset,
-which dies with it anyway). SIGTERM or Ctrl-C is different: Prefect's engine catches it and reports
-the run Crashed itself. A CLI that set PREFECT_FLOWS_HEARTBEAT_FREQUENCY to `heartbeat_s` and ran its
-flow under `prefect.tags(WATCH_TAG)` would be covered the same way against a real server.
+The CLI does the same against a real server (PREFECT_API_URL set): it tags its runs WATCH_TAG and sets
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY to `serve.heartbeat_s`, so a foreground run killed with -9 is Crashed
+by the same automation, once a serve process has installed it on that server. Without PREFECT_API_URL
+the CLI talks to a temporary server of its own, which dies with it. SIGTERM or Ctrl-C is different
+anyway: Prefect's engine catches it and reports the run Crashed itself.
 
 `refinery serve` calls `ensure_crash_automation` at start (idempotent: created once, then updated in
 place when the window changes) and serves with `serve.heartbeat_s` (default 30, at least 30); the window

@@ -252,3 +252,48 @@ def test_a_served_run_killed_with_its_serve_process_is_crashed_and_a_rerun_compl
         assert what == "unchanged"
     autos = [a for a in post(f"{api}/automations/filter", json={}).json() if a["name"] == AUTOMATION]
     assert [(a["id"], a["trigger"]["within"]) for a in autos] == [(str(kept), WINDOW_S + 30)]
+
+
+def test_a_foreground_cli_run_against_a_server_killed_is_crashed_too(server):
+    """`refinery extract` in a terminal with PREFECT_API_URL set: the CLI tags its runs for the same
+    automation and heartbeats at serve.heartbeat_s, so a SIGKILL leaves no Running run behind either."""
+    from flows.crash import WATCH_TAG, ensure_crash_automation
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, tmp = server["api"], server["tmp"]
+    with temporary_settings({PREFECT_API_URL: api}):
+        ensure_crash_automation(WINDOW_S)               # as a serve process on this server would
+    inputs = [str(p) for p in sorted((SAMPLE / "warc").glob("*.warc*"))] + [str(SAMPLE / "pages.warc.gz")]
+    log = open(tmp / "cli.log", "wb")
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "extract", *inputs, "--out", str(tmp / "cli"),
+                            "--no-progress", "--set", "runner.task_retries=0", "--timeout", "600"],
+                           env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        def mid_extraction():
+            runs = post(f"{api}/flow_runs/filter", json={"flow_runs": {
+                "tags": {"all_": [WATCH_TAG]}, "deployment_id": {"is_null_": True}}}).json()
+            run = next((r for r in runs if r["state_type"] == "RUNNING"), None)
+            if run is None or not [t for t in shard_tasks(api, run["id"]) if t["state_type"] == "COMPLETED"]:
+                return None
+            beats = post(f"{api}/events/filter", json={"filter": {
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "resource": {"id": [f"prefect.flow-run.{run['id']}"]}}, "limit": 5}).json()["events"]
+            return run if beats else None           # the window counts from a heartbeat
+
+        run = wait_for(mid_extraction, 300, "the CLI run to be mid-extraction with a heartbeat", [cli, server["proc"]])
+        os.killpg(cli.pid, signal.SIGKILL)
+        killed_at = time.time()
+        cli.wait(10)
+    finally:
+        stop(cli)
+
+    def crashed():
+        r = flow_run(api, run["id"])
+        return r["state"] if r and r["state_type"] in TERMINAL else None
+
+    state = wait_for(crashed, WINDOW_S + HEARTBEAT_S + 30, "the killed CLI run to be Crashed", [server["proc"]])
+    took = time.time() - killed_at
+    assert state["type"] == "CRASHED" and f"No heartbeat for {WINDOW_S} s" in state["message"], state
+    assert took <= WINDOW_S + 20, took       # the last heartbeat was before the kill
+    print(f"crash: a foreground CLI run SIGKILLed: Crashed {took:.0f} s after the kill")
