@@ -36,6 +36,15 @@ PLAN_TRAIN = Section("train", only=("devices", "nodes", "gpu", "precision", "str
                      note="what `refinery train` would run; strategy auto plans as ddp, no gpu as H100")
 
 
+def _planner_default(name: str):
+    """A default of models.planner.plan, read from its signature (defined there once)."""
+    import inspect
+
+    from models.planner import plan
+
+    return inspect.signature(plan).parameters[name].default
+
+
 def _common(p: argparse.ArgumentParser, *sections: Section) -> None:
     p.add_argument("--config", help="YAML file with any sections of `refinery config` (crawl, extract, curate, "
                                     "shard, train, finetune, eval, runner, serve); flags override it")
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e10")
     g.add_argument("--gpu-memory", type=float, dest="gpu_memory", help="GB per device: the largest model that fits")
     p.add_argument("--hours", type=float, help="wall-clock budget: the compute-optimal size for it")
-    p.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed for times (default: the planner's, 0.4)")
+    p.add_argument("--mfu", type=float, help=f"model FLOPs utilisation assumed for times (default: {_planner_default('mfu')})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(p, PLAN_TRAIN, Section("curate.quality", only=("target_keep_ratio",), aliases={
         "target_keep_ratio": "--keep-ratio"}, note="the plan applies it to crawled tokens"))

@@ -141,3 +141,12 @@ def test_every_curate_section_with_settings_has_flags():
 
     exposed = {a.dest[len(PREFIX):].rsplit(".", 1)[0] for a in _config_actions("curate")}
     assert leaves(CurateConfig, "curate") == exposed - {"runner"}
+
+
+def test_plan_mfu_help_shows_the_planners_own_default():
+    import inspect
+
+    from models.planner import plan
+
+    mfu = next(a for a in SUB["plan"]._actions if "--mfu" in a.option_strings)
+    assert f"default: {inspect.signature(plan).parameters['mfu'].default}" in mfu.help
