@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import yaml  # noqa: E402
 
 from core.config import ConfigError, RefineryConfig, absolute_paths, load_config  # noqa: E402
+from core.train_run import TrainResult  # noqa: E402
 from flows.cli_flags import Section, add_positional, add_section, overrides, sections_under  # noqa: E402
 
 

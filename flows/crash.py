@@ -29,7 +29,6 @@ A rerun of a Crashed run resumes from what is done, as after any kill: finished 
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from uuid import UUID
 

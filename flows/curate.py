@@ -8,7 +8,6 @@ cache and a killed run resumes after its last finished shard.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 

@@ -8,7 +8,6 @@ The same input and config give byte-identical shards and manifest; a rerun is se
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task

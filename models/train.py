@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from core.config import TrainConfig
+from core.config import FinetuneConfig, TrainConfig
 from core.train_run import FinetuneReport, RunSpec, TrainResult
 from models.architectures import OBJECTIVE, arch_of, build_model, make_config, n_params
 from models.data import ShardDataModule

@@ -5,15 +5,12 @@ other serve tests would start a training run)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from test_serve import TERMINAL, free_port, post, stop, wait_for
+from test_serve import TERMINAL, post, start_serve, start_server, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,18 +29,10 @@ def chained(tmp_path_factory):
     from smollm import write_docs
 
     write_docs(_texts(), data / "curated")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PYTHONPATH": str(ROOT)}
     logs = {n: open(tmp / f"{n}.log", "wb") for n in ("server", "serve")}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=logs["server"], stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    procs = [server]
+    procs = []
     try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", procs)
+        api, env = start_server(tmp, logs["server"], procs)
         cfg = tmp / "refinery.yaml"
         cfg.write_text(json.dumps({
             "serve": {"crawl_cron": None, "data_roots": [str(data)], "chain_train": True, "limit": 2},
@@ -51,16 +40,7 @@ def chained(tmp_path_factory):
             "train": {"max_steps": 4, "seq_len": 64, "batch_size": 4, "val_every": 4, "val_batches": 2,
                       "checkpoint_every": 4, "accelerator": "cpu"},
             "eval": {"enabled": False}}))
-        serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(cfg)],
-                                 env=env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        procs.append(serve)
-
-        def deployments():
-            r = post(f"{api}/deployments/filter", json={}).json()
-            return {d["name"]: d for d in r} if len(r) >= 7 else None
-
-        deps = wait_for(deployments, 240, "the served deployments", procs)
+        deps = start_serve(cfg, env, logs["serve"], procs)
         yield {"api": api, "deployments": deps, "data": data, "tmp": tmp, "procs": procs}
     finally:
         for p in reversed(procs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve import free_port, post, stop, wait_for
+from tests.test_serve import post, start_serve as serve_on, start_server, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample"
@@ -85,38 +85,33 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PYTHONPATH": str(ROOT)}
     log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    procs = []
     try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", [proc])
+        api, env = start_server(tmp, log, procs)
+        proc = procs[0]
         cfg = tmp / "refinery.yaml"
         cfg.write_text(json.dumps({"serve": {"crawl_seeds": str(tmp / "seeds.txt"), "crawl_out": str(tmp / "data" / "crawl"),
                                              "data_roots": [str(tmp / "data")], "limit": 1,
                                              "heartbeat_s": HEARTBEAT_S, "crash_after_s": WINDOW_S}}))
         yield {"api": api, "env": env, "tmp": tmp, "cfg": cfg, "proc": proc}
     finally:
-        stop(proc)
+        for p in procs:
+            stop(p)
         log.close()
 
 
 def start_serve(server: dict, n: int) -> tuple[subprocess.Popen, dict]:
-    log = open(server["tmp"] / f"serve-{n}.log", "wb")
-    serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(server["cfg"])],
-                             env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-
-    def deployments():
-        r = post(f"{server['api']}/deployments/filter", json={}).json()
-        return {d["name"]: d for d in r} if len(r) >= 7 else None
-
-    return serve, wait_for(deployments, 240, "the served deployments", [serve, server["proc"]])
+    """Serve process number n on the module's server -> (its process, the served deployments)."""
+    procs = [server["proc"]]
+    try:
+        with open(server["tmp"] / f"serve-{n}.log", "wb") as log:
+            deps = serve_on(server["cfg"], server["env"], log, procs)
+    except BaseException:
+        if len(procs) > 1:
+            stop(procs[-1])
+        raise
+    return procs[-1], deps
 
 
 def flow_run(api: str, run_id: str) -> dict | None:

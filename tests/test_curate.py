@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -132,19 +131,26 @@ def test_outputs_models_plots_and_artifacts(curated):
     assert "## Models" in summary and "held-out ROC-AUC" in summary and "calibrated on" in summary
 
 
+def final_task_runs(flow_run_id) -> list:
+    """The flow run's task runs once all are final: their states reach the API as events, a moment later."""
+    import time
+
+    from tests.test_flows import _task_runs
+
+    deadline = time.monotonic() + 30
+    while True:
+        runs = _task_runs(flow_run_id)
+        if (runs and all(t.state.is_final() for t in runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 def test_rerun_is_cached(curated):
     from flows.curate import curate_flow
-    from tests.test_flows import _task_runs
 
     base, cfg, _ = curated
     state = curate_flow([str(base / "mix")], str(base / "out"), cfg, return_state=True)
-    import time
-    deadline = time.monotonic() + 30          # task-run states reach the API as events: wait for the last ones
-    while True:
-        runs = _task_runs(state.state_details.flow_run_id)
-        if (runs and all(t.state.is_final() for t in runs)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    runs = final_task_runs(state.state_details.flow_run_id)
     assert runs and all(t.state.name == "Cached" for t in runs), [(t.name, t.state.name) for t in runs]
 
 
@@ -154,18 +160,11 @@ def test_a_run_into_a_new_folder_reuses_the_classifiers(curated):
     import os
 
     from flows.curate import curate_flow
-    from tests.test_flows import _task_runs
 
     base, cfg, _ = curated
     state = curate_flow([str(base / "mix")], str(base / "elsewhere"), cfg, return_state=True)
     assert state.is_completed(), state
-    import time
-    deadline = time.monotonic() + 30          # task-run states reach the API as events: wait for the last ones
-    while True:
-        tr = _task_runs(state.state_details.flow_run_id)
-        if (tr and all(t.state.is_final() for t in tr)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    tr = final_task_runs(state.state_details.flow_run_id)
     runs = {t.name.rsplit("-", 1)[0]: t.state.name for t in tr}
     assert runs["train-quality"] == "Cached" and runs["train-toxicity"] == "Cached", runs
     assert runs["curate-filter"] != "Cached"                  # the shard tasks write into their folder

@@ -32,7 +32,7 @@ import yaml
 from pgserver import (COMPOSE_FILE, ENV_EXAMPLE, PgServer, Unavailable, compose_command, compose_service_env,
                       compose_services, database_url, example_values, find_binaries, free_port, local_server_settings,
                       read_env_file)
-from test_serve import (LIMIT, post, sample_run, stop, wait_for,  # noqa: F401 (sample_run: a fixture used here)
+from test_serve import (LIMIT, sample_run, start_serve, stop, wait_for,  # noqa: F401 (sample_run: a fixture used here)
                         test_a_burst_of_50_api_triggered_runs_all_end_within_the_concurrency_limits as _burst,
                         test_api_triggered_data_to_model_completes_with_outputs_and_artifacts as _data_to_model,
                         test_every_deployment_is_served_and_crawl_is_scheduled as _served_and_scheduled)
@@ -238,16 +238,7 @@ def served(tmp_path_factory, postgres):
             cfg.write_text(json.dumps({"serve": {"crawl_cron": "15 4 * * *", "crawl_seeds": str(tmp / "seeds.txt"),
                                                  "crawl_out": str(tmp / "crawl"), "data_roots": [str(tmp / "data")],
                                                  "limit": LIMIT}}))
-            serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(cfg)],
-                                     env=serve_env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-            procs.append(serve)
-
-            def deployments():
-                r = post(f"{api}/deployments/filter", json={}).json()
-                return {d["name"]: d for d in r} if len(r) >= 7 else None
-
-            deps = wait_for(deployments, 240, "the served deployments", procs)
+            deps = start_serve(cfg, serve_env, logs["serve"], procs)
             timings["deployments_served_s"] = time.time() - t0
             yield {"api": api, "deployments": deps, "tmp": tmp, "procs": procs, "http": http, "local": local,
                    "postgres": postgres, "timings": timings, "t0": t0}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 3           # serve.limit of the served process: flow runs it runs at once
@@ -66,36 +67,57 @@ def stop(p: subprocess.Popen) -> None:
             p.wait(10)
 
 
+# the deployments serve.py serves: prefect.yaml's list
+DEPLOYMENTS = len(yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"])
+
+
+def server_env(tmp: Path, api: str) -> dict:
+    """The environment of a loopback `prefect server` and of the processes that talk to it."""
+    return {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT)}
+
+
+def start_server(tmp: Path, log, procs: list) -> tuple[str, dict]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (appended to `procs`),
+    healthy -> (api URL, its environment)."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = server_env(tmp, api)
+    procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+    wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", procs)
+    return api, env
+
+
+def start_serve(config: Path, env: dict, log, procs: list) -> dict:
+    """deployments/serve.py with `config` (appended to `procs`); waits until every deployment is served
+    -> {name: deployment}."""
+    procs.append(subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(config)],
+                                  env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    api = env["PREFECT_API_URL"]
+
+    def deployments():
+        r = post(f"{api}/deployments/filter", json={}).json()
+        return {d["name"]: d for d in r} if len(r) >= DEPLOYMENTS else None
+
+    return wait_for(deployments, 240, "the served deployments", procs)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`prefect server start` on a free loopback port with its own PREFECT_HOME, then serve.py."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PYTHONPATH": str(ROOT)}
     logs = {n: open(tmp / f"{n}.log", "wb") for n in ("server", "serve")}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)],
-                              env=env, stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True)
-    procs = [server]
+    procs = []
     try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 180, "the Prefect server", procs)
+        api, env = start_server(tmp, logs["server"], procs)
         cfg = tmp / "refinery.yaml"
         cfg.write_text(json.dumps({"serve": {"crawl_cron": "15 4 * * *", "crawl_seeds": str(tmp / "seeds.txt"),
                                              "crawl_out": str(tmp / "crawl"), "data_roots": [str(tmp / "data")],
                                              "limit": LIMIT}}))
-        serve = subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py"), "--config", str(cfg)],
-                                 env=env, cwd=ROOT, stdout=logs["serve"], stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        procs.append(serve)
-
-        def deployments():
-            r = post(f"{api}/deployments/filter", json={}).json()
-            return {d["name"]: d for d in r} if len(r) >= 7 else None
-
-        deps = wait_for(deployments, 240, "the served deployments", procs)
+        deps = start_serve(cfg, env, logs["serve"], procs)
         yield {"api": api, "deployments": deps, "tmp": tmp, "procs": procs}
     finally:
         for p in reversed(procs):
