@@ -97,18 +97,48 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def extract_html(html: str, url: str, opts: dict) -> dict | None:
-    """Main text and metadata of one page. Runs inside a worker process."""
+    """Main text, title and date of one page. Runs inside a worker process. The page is
+    parsed once; trafilatura extracts from a copy, the metadata is read from the original."""
     import trafilatura
+    from trafilatura.utils import load_html
 
+    full = opts["metadata"] == "full"
+    tree = html if full else load_html(html)
+    if tree is None:
+        return None
     doc = trafilatura.bare_extraction(
-        html, url=url or None, with_metadata=True,
+        tree, url=url or None, with_metadata=full,
         include_comments=opts["include_comments"], include_tables=opts["include_tables"],
         favor_precision=opts["favor"] == "precision", favor_recall=opts["favor"] == "recall",
         deduplicate=opts["deduplicate"],
     )
     if doc is None or not doc.text:
         return None
-    return {"title": doc.title or "", "text": doc.text, "date": doc.date or ""}
+    if full:
+        return {"title": doc.title or "", "text": doc.text, "date": doc.date or ""}
+    title, date = fast_metadata(tree, url) if opts["metadata"] == "fast" else ("", "")
+    return {"title": title, "text": doc.text, "date": date}
+
+
+def fast_metadata(tree, url: str) -> tuple[str, str]:
+    """Title and date as trafilatura's metadata pass finds them, without the parts that cost
+    (author, site name, categories, tags, licence, and htmldate's extensive search, which
+    scans every text node with dateparser): 1.5 ms a page instead of 13 ms."""
+    from datetime import date
+
+    from htmldate import find_date
+    from trafilatura.metadata import examine_meta, extract_meta_json, extract_title
+
+    meta = examine_meta(tree)
+    try:
+        meta = extract_meta_json(tree, meta)
+    except Exception:  # noqa: BLE001 - trafilatura's own pass tolerates broken JSON-LD the same way
+        pass
+    meta.title = meta.title or extract_title(tree)
+    meta.date = find_date(tree, url=url or None, original_date=True, extensive_search=False,
+                          max_date=date.today().isoformat())
+    meta.clean_and_trim()
+    return meta.title or "", meta.date or ""
 
 
 def extract_page(html: str, url: str, opts: dict) -> dict | None:

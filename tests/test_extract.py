@@ -169,3 +169,22 @@ def test_whole_file_gzip_warc_loses_no_page(tmp_path):
     res = extract_shard(p, tmp_path / "out", "whole", ExtractConfig())
     docs = pq.read_table(res.docs_path).to_pylist()
     assert res.pages == res.docs == 5 and [d["url"] for d in docs] == [f"http://x/{i}" for i in range(5)]
+
+
+def test_fast_metadata_keeps_text_and_title_and_agrees_on_dates(tmp_path):
+    """`extract.metadata`: fast (default) reads title and date without trafilatura's whole metadata
+    pass. On the bundled real pages the text and the title must be what the full pass gives, and a
+    date the fast path finds must almost always be the full pass's date (the full pass finds more,
+    most of them copyright years read as January 1st)."""
+    runs = {m: pq.read_table(extract_shard(SAMPLE / "pages.warc.gz", tmp_path / m, "p",
+                                           ExtractConfig(metadata=m)).docs_path).to_pylist()
+            for m in ("fast", "full", "off")}
+    fast, full, off = runs["fast"], runs["full"], runs["off"]
+    assert len(fast) == len(full) == len(off) > 40
+    assert [d["text"] for d in fast] == [d["text"] for d in full] == [d["text"] for d in off]
+    assert [d["title"] for d in fast] == [d["title"] for d in full]
+    assert sum(bool(d["title"]) for d in fast) > 0.9 * len(fast)
+    assert all(d["title"] == "" and d["date"] == "" for d in off)
+    found = [(a["date"], b["date"]) for a, b in zip(fast, full) if a["date"]]
+    assert len(found) > 0.5 * len(fast)
+    assert sum(a == b for a, b in found) >= 0.9 * len(found)
