@@ -95,11 +95,13 @@ def _busy_cpu_s() -> float:
 
 
 def run_child(side: str, variant: str, corpus: Path, out: Path, workers: int, prefect_home: Path,
-              train_steps: int, src: Path) -> dict:
-    """One measured run: `e2e.py --child side` in a fresh process importing the code under test from src."""
+              train_steps: int, src: Path, cache: Path | None = None) -> dict:
+    """One measured run: `e2e.py --child side` in a fresh process importing the code under test from src.
+    `cache`: our file cache (REFINERY_CACHE: the general tokenizer); a new empty one unless given."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+               PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+               REFINERY_CACHE=str(cache or Path(str(out) + "-cache")))
     env.pop("PREFECT_API_URL", None)
     # src first for this process and every process it starts (extraction workers run `-m tasks.workers`
     # from the working directory; DataTrove's forkserver workers and Dask workers read PYTHONPATH)

@@ -35,7 +35,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
     return {"slope": slope, "intercept": icpt, "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
 
 
-def report(results: dict, corpora: dict, args) -> None:
+def report(results: dict, corpora: dict, args, second: dict | None = None) -> None:
     sides = [k for k in results if results[k]]
     scales = sorted(corpora)
     print()
@@ -100,6 +100,12 @@ def report(results: dict, corpora: dict, args) -> None:
             cells.append(f"whole runs (ours does more): {o['wall']:.1f}s vs {d['wall']:.1f}s = {d['wall'] / o['wall']:.2f}x")
             cells.append(f"whole runs, CPU-seconds: {o['cpu_s']:.0f} vs {d['cpu_s']:.0f} = {d['cpu_s'] / o['cpu_s']:.2f}x")
             print(f"  {s}x: " + "; ".join(cells))
+    if second:
+        a, b = second["first"], second["second"]
+        print(f"\n== ours, a second run into a new folder ({second['scale']}x, the same corpus; {second['cached']} task "
+              f"runs from cache) ==\n  wall {b['wall']:.1f}s = {b['wall'] / a['wall']:.0%} of the first ({a['wall']:.1f}s); "
+              f"CPU {b['cpu_s']:.0f}s vs {a['cpu_s']:.0f}s; startup {b['stages']['startup']['seconds']:.1f}s; peak PSS "
+              f"{b['peak_pss_mib']:.0f} MiB")
     for side in sides:
         if side.startswith("ours") and side != "ours" and "ours" in results:
             print(f"\n== {side} / ours (threads) whole run: " + ", ".join(

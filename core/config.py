@@ -350,6 +350,8 @@ class RunnerConfig(_Model):
     task_retries: int = Field(2, ge=0, le=20, description="retries of a failed shard task")
     retry_delay_s: float = Field(2.0, ge=0, description="seconds between a task's retries")
     shard_concurrency: int = Field(1, ge=1, le=1024, description="shard tasks run at once (kind: threads)")
+    refresh_cache: bool = Field(False, description="recompute every task instead of taking results from cache "
+                                                   "(a cold run: benchmarks, or a cache you distrust)")
     kind: Literal["threads", "dask"] = Field(
         "threads", description="threads: a thread pool in this process; dask: a Dask cluster (prefect-dask)")
     dask_address: str | None = Field(

@@ -45,6 +45,10 @@ def transient(task, task_run, state) -> bool:
 
 
 def retry_options(runner) -> dict:
-    """Task options from the runner config: its retries, its delay, transient failures only."""
-    return {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s,
+    """Task options from the runner config: its retries, its delay, transient failures only; and
+    `refresh_cache` where the config asks for a cold run."""
+    opts = {"retries": runner.task_retries, "retry_delay_seconds": runner.retry_delay_s,
             "retry_condition_fn": transient}
+    if runner.refresh_cache:
+        opts["refresh_cache"] = True
+    return opts

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     watched = bool(os.environ.get("PREFECT_API_URL"))
     if watched:   # a real server: its crash automation (flows/crash.py) judges this run as a served one
         os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.serve.heartbeat_s))
+    server = None if watched else _start_embedded_api()
     from flows import progress  # Prefect imports are slow; only pay for them when working
 
     from core.shard_format import ShardError
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ShardError) as e:   # before Prefect starts: one message, no traceback
         print(f"refinery: {e}", file=sys.stderr)
         return 2
+    if server:
+        server.join()   # started while the imports above ran; the flow's client finds it up
     if not args.no_progress and sys.stderr.isatty():
         progress.start()
     try:
@@ -276,6 +279,29 @@ def _check_training_inputs(args: argparse.Namespace, cfg: RefineryConfig) -> Non
 
 class PlanRefused(Exception):
     pass
+
+
+def _start_embedded_api():
+    """Without PREFECT_API_URL, Prefect starts its embedded API server (a uvicorn subprocess) at the
+    first client call, after this process's own imports. Started from a thread here, the server's
+    start-up (its imports, the database check) runs beside them. Prefect's start() is not safe to
+    enter twice at once, so the caller joins the thread before any flow runs."""
+    import threading
+
+    def start():
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's own client call retries it and reports the error
+            pass
+
+    t = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    t.start()
+    return t
 
 
 def _dispatch(args: argparse.Namespace, cfg: RefineryConfig) -> dict | TrainResult:

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from core.redact import install as install_redaction
 from core import faults
 from flows import progress
-from flows.caching import adopt, content_cache_key, input_fingerprint, map_shards, shard_cache_key
+from flows.caching import input_fingerprint, map_shards, placed, shard_cache_key
 from core.config import CurateConfig, RefineryConfig
 from core.guard import confine
 from flows.extract import run_extract
@@ -36,12 +36,14 @@ def _combine(*parts: str) -> str:
 # ---- tasks: thin wrappers over tasks/curate.py ------------------------------------------------
 
 @task(name="curate-filter", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def filter_task(docs_path: str, input_sha256: str, out_dir: str, shard_name: str, config: CurateConfig) -> dict:
     faults.maybe_fail("curate-filter")
     return steps.filter_shard(docs_path, shard_name, Path(out_dir) / "work", config)
 
 
 @task(name="dedup-reduce", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.dedup import find_duplicates
     from core.io import write_parquet_atomic
@@ -52,7 +54,8 @@ def dedup_task(signature_files: list[str], input_sha256: str, out_dir: str, conf
     return {"path": str(path), "sha256": file_sha256(path), "dropped": drops.num_rows, "outputs": [str(path)]}
 
 
-@task(name="train-quality", cache_key_fn=content_cache_key, persist_result=True)
+@task(name="train-quality", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def train_quality_task(docs_paths: list[str], input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.quality import load_reference, model_filename, train_quality
 
@@ -78,7 +81,8 @@ def _words(texts: list[str]) -> int:
     return sum(count_words(t) for t in texts)
 
 
-@task(name="train-toxicity", cache_key_fn=content_cache_key, persist_result=True)
+@task(name="train-toxicity", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config: CurateConfig) -> dict:
     from tasks.toxicity import calibration_path, load_labeled, train_toxicity
 
@@ -97,6 +101,7 @@ def train_toxicity_task(data_path: str, input_sha256: str, out_dir: str, config:
 
 
 @task(name="curate-score", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def score_task(shard_name: str, input_sha256: str, out_dir: str, drops_path: str, quality_model: str,
                quality_folds: list[str], toxicity_model: str, config: CurateConfig) -> dict:
     return steps.score_shard(shard_name, Path(out_dir) / "work", drops_path, quality_model, toxicity_model, config,
@@ -104,6 +109,7 @@ def score_task(shard_name: str, input_sha256: str, out_dir: str, drops_path: str
 
 
 @task(name="curate-select", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def select_task(shard_name: str, input_sha256: str, out_dir: str, threshold: float, config: CurateConfig) -> dict:
     return steps.select_shard(shard_name, Path(out_dir) / "work", Path(out_dir), threshold)
 
@@ -206,15 +212,14 @@ def _curate(inputs: list[str], out: Path, config: RefineryConfig) -> Funnel:
     else:
         bg = [input_fingerprint(b) for b in cfg.quality.background] if cfg.quality.negatives != "crawl" else []
         ref_sha = _combine(*[input_fingerprint(r) for r in cfg.quality.reference], *bg, *shas.values())
-        qmodel = adopt(map_shards(train_quality_task, [([str(p) for p in docs], ref_sha, str(out), cfg)], **opts)[0],
-                       models)
+        qmodel = map_shards(train_quality_task, [([str(p) for p in docs], ref_sha, str(out), cfg)], **opts)[0]
     if cfg.toxicity.model_path:
         tmodel = copy_toxicity_model(cfg.toxicity.model_path, models)
     else:
         tox_sha = _combine(file_sha256(cfg.toxicity.training_data), file_sha256(cfg.bias.groups_file),
                            *[input_fingerprint(r) for r in cfg.toxicity.clean_data])
         tox_args = (cfg.toxicity.training_data, tox_sha, str(out), cfg)
-        tmodel = adopt(map_shards(train_toxicity_task, [tox_args], **opts)[0], models)
+        tmodel = map_shards(train_toxicity_task, [tox_args], **opts)[0]
     from tasks.toxicity import calibration_path
 
     side = calibration_path(tmodel["path"])

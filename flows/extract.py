@@ -13,7 +13,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from core.redact import install as install_redaction
 from core import faults
 from flows import progress
-from flows.caching import input_fingerprint, map_shards, shard_cache_key
+from flows.caching import input_fingerprint, map_shards, placed, shard_cache_key
 from core.config import ExtractConfig, RefineryConfig
 from core.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
@@ -30,6 +30,7 @@ def shard_name(path: Path, sha: str) -> str:
 
 
 @task(name="extract-shard", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def extract_shard_task(input_path: str, input_sha256: str, out_dir: str, shard_name: str,
                        config: ExtractConfig) -> dict:
     log = get_run_logger()

@@ -17,7 +17,7 @@ from prefect.events import emit_event
 from core.redact import install as install_redaction
 from core import faults
 from flows import progress
-from flows.caching import input_fingerprint, map_shards, shard_cache_key
+from flows.caching import input_fingerprint, map_shards, placed, shard_cache_key
 from core.config import RefineryConfig, ShardConfig
 from core.guard import confine
 from core.retry import retry_options
@@ -27,17 +27,19 @@ from core.shard_format import SPLITS, Manifest, Split, TokenizerEntry
 
 
 @task(name="shard-tokenizer", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def tokenizer_task(doc_paths: list[str], input_sha256: str, out_dir: str, cut: int, config: ShardConfig) -> dict:
     out = Path(out_dir)
     info = steps.build_tokenizer(doc_paths, config, cut, out)
     info["report"] = steps.tokenizer_report(doc_paths, config, cut, out)
     tok_json = out / "tokenizer" / "tokenizer.json"
     info["sha256"] = file_sha256(tok_json)
-    info["outputs"] = [str(tok_json)]
+    info["outputs"] = sorted(str(f) for f in (out / "tokenizer").rglob("*") if f.is_file())
     return info
 
 
 @task(name="shard-tokenize", cache_key_fn=shard_cache_key, persist_result=True)
+@placed
 def tokenize_task(docs_path: str, input_sha256: str, out_dir: str, shard_name: str, cut: int, vocab_size: int,
                   config: ShardConfig) -> dict:
     faults.maybe_fail("shard-tokenize")

@@ -75,7 +75,8 @@ def test_a_task_that_fails_once_is_retried(prefect_api, tmp_path, inputs, monkey
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("REFINERY_FAIL_ONCE", f"extract-shard:{marker}")
-    cfg = RefineryConfig.model_validate({"runner": {"task_retries": 1, "retry_delay_s": 0}})
+    # a cold run: tasks cache on content, and another test may have extracted this input already
+    cfg = RefineryConfig.model_validate({"runner": {"task_retries": 1, "retry_delay_s": 0, "refresh_cache": True}})
     result, fr = _run(inputs[:1], tmp_path / "out", cfg)
     assert marker.exists()  # the fault really fired
     runs = [t for t in _task_runs(fr) if t.name.startswith("extract-shard")]
