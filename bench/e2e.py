@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--shard-pages", type=int, default=500, help="page records per WARC file")
     ap.add_argument("--near-dup", type=float, default=0.20, help="fraction of a block's pages that are near duplicates")
     ap.add_argument("--exact-dup", type=float, default=0.05, help="fraction that are exact copies on another host")
-    ap.add_argument("--ours", default="threads", help="comma list: threads, dask, nometa (extract.metadata=off)")
+    ap.add_argument("--ours", default="threads", help="comma list: threads, dask, nometa (extract.metadata=none)")
     ap.add_argument("--no-second-run", action="store_true",
                     help="skip the second run of ours into a new folder on the smallest corpus (caches warm)")
     ap.add_argument("--no-datatrove", action="store_true")

@@ -38,7 +38,7 @@ def child_ours(args) -> None:
     if args.variant == "dask":
         sets = ["extract.workers=1", "runner.kind=dask", f"runner.dask_workers={args.workers}", "runner.refresh_cache=true"]
     if args.variant == "nometa":
-        sets.append("extract.metadata=off")
+        sets.append("extract.metadata=none")
     if args.train_steps:
         sets += [f"train.max_steps={args.train_steps}", "train.seq_len=128", "train.val_every=1000",
                  f"train.checkpoint_every={args.train_steps}", "train.export=false"]

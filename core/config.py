@@ -52,9 +52,9 @@ class ExtractConfig(_Model):
     include_tables: bool = True
     favor: Literal["balanced", "precision", "recall"] = "balanced"
     deduplicate: bool = False
-    metadata: Literal["fast", "full", "off"] = Field(
+    metadata: Literal["fast", "full", "none"] = Field(
         "fast", description="title and date: fast = meta tags, JSON-LD, <title> and htmldate's quick search; "
-                            "full = trafilatura's whole metadata pass (2x the extraction cost); off = none")
+                            "full = trafilatura's whole metadata pass (2x the extraction cost); none = no title or date")
     worker_max_pages: int = Field(2000, ge=1, description="recycle a worker after this many pages (bounds memory)")
 
 

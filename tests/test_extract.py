@@ -178,8 +178,8 @@ def test_fast_metadata_keeps_text_and_title_and_agrees_on_dates(tmp_path):
     most of them copyright years read as January 1st)."""
     runs = {m: pq.read_table(extract_shard(SAMPLE / "pages.warc.gz", tmp_path / m, "p",
                                            ExtractConfig(metadata=m)).docs_path).to_pylist()
-            for m in ("fast", "full", "off")}
-    fast, full, off = runs["fast"], runs["full"], runs["off"]
+            for m in ("fast", "full", "none")}
+    fast, full, off = runs["fast"], runs["full"], runs["none"]
     assert len(fast) == len(full) == len(off) > 40
     assert [d["text"] for d in fast] == [d["text"] for d in full] == [d["text"] for d in off]
     assert [d["title"] for d in fast] == [d["title"] for d in full]
