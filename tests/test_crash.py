@@ -261,7 +261,8 @@ def test_a_foreground_cli_run_against_a_server_killed_is_crashed_too(server):
     inputs = [str(p) for p in sorted((SAMPLE / "warc").glob("*.warc*"))] + [str(SAMPLE / "pages.warc.gz")]
     log = open(tmp / "cli.log", "wb")
     cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "extract", *inputs, "--out", str(tmp / "cli"),
-                            "--no-progress", "--set", "runner.task_retries=0", "--timeout", "600"],
+                            "--no-progress", "--set", "runner.task_retries=0", "--timeout", "600",
+                            "--runner-refresh-cache"],   # cold: the served test above extracted these files
                            env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     try:
