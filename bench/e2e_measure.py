@@ -51,6 +51,14 @@ def _mem_kib(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def _cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return " ".join(a.decode(errors="replace") for a in f.read().split(b"\0") if a)[:120]
+    except OSError:
+        return "?"
+
+
 class TreeSampler(threading.Thread):
     """Sums PSS and RSS over a process and all its descendants every `interval` seconds."""
 
@@ -59,15 +67,18 @@ class TreeSampler(threading.Thread):
         self.pid, self.interval, self.samples = pid, interval, []
         self.cpu: dict[tuple[int, int], float] = {}  # (pid, start time) -> last seen utime + stime, seconds
         self.stop_ev = threading.Event()
+        self.peak: list[tuple[float, str]] = []  # (PSS MiB, command) per process at the highest sample
 
     def run(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
         while not self.stop_ev.is_set():
             pids = _tree(self.pid)
             pss = rss = 0
+            per = []
             for p in pids:
                 a, b = _mem_kib(p)
                 pss, rss = pss + a, rss + b
+                per.append((a, p))
                 try:
                     with open(f"/proc/{p}/stat") as f:
                         st = f.read().rsplit(")", 1)[1].split()
@@ -75,6 +86,8 @@ class TreeSampler(threading.Thread):
                 except (OSError, ValueError, IndexError):
                     pass
             self.samples.append((time.time(), pss / 1024, rss / 1024, len(pids), sum(self.cpu.values())))
+            if pss / 1024 > max((s[1] for s in self.samples[:-1]), default=0):
+                self.peak = [(a / 1024, _cmd(p)) for a, p in sorted(per, reverse=True)]
             self.stop_ev.wait(self.interval)
 
     def cpu_s(self) -> float:
@@ -133,7 +146,8 @@ def run_child(side: str, variant: str, corpus: Path, out: Path, workers: int, pr
     res["cpu_s"] = ours_cpu
     sampler_cpu = time.process_time() - me0  # this process: the memory sampler
     res["others_cores"] = max(0.0, (busy1 - busy0) - ours_cpu - sampler_cpu) / (t1 - t0)
-    res.update(start=t0, wall=res.get("end", t1) - t0, exit=t1, load_before=load, samples=sampler.samples)
+    res.update(start=t0, wall=res.get("end", t1) - t0, exit=t1, load_before=load, samples=sampler.samples,
+               peak_by_process=sampler.peak)
     return res
 
 
@@ -172,6 +186,7 @@ def summarize(res: dict, pages: int, stages: list[str]) -> dict:
             "peak_rss_mib": max((s[2] for s in samples), default=0), "load_after": res.get("load_after"),
             "max_procs": max((s[3] for s in samples), default=0), "counts": res["counts"],
             "load_before": res["load_before"], "others_cores": res["others_cores"], "cpu_s": res["cpu_s"],
+            "peak_by_process": res.get("peak_by_process", []),
             "mem_series": [(s[0] - res["start"], s[1]) for s in samples[::max(1, len(samples) // 400)]]}
 
 

@@ -62,6 +62,9 @@ def report(results: dict, corpora: dict, args, second: dict | None = None) -> No
                     cells.append(f"{st} {r['seconds']:.1f}s{pps}{cpu}, peak {r['peak_pss_mib']:.0f} MiB")
             print("     stages: " + " | ".join(cells))
             print(f"     counts: {sm['counts']}")
+            if sm.get("peak_by_process"):
+                print("     at the peak: " + " | ".join(f"{m:.0f} MiB {c.split(' -m ')[-1][:40]}"
+                                                     for m, c in sm["peak_by_process"][:5]))
     print("\n== linearity: wall seconds = a + b x pages (least squares over the scales) ==")
     for side in sides:
         xs = [results[side][s]["pages"] for s in scales]
