@@ -67,10 +67,16 @@ def build_tokenizer(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: P
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
-    hf = tk.load_user_tokenizer(final)
-    ids, sentinels = tk.special_ids(hf)
-    return {"dir": "tokenizer", "trained": trained, "vocab_size": len(hf), "special_ids": ids,
-            "sentinel_ids": sentinels, "name": name, "fingerprint": tokenizer_fingerprint(hf)}
+    if trained:   # read back with `tokenizers` alone: transformers (and torch) stay out of the run
+        tok = tk.load_trained(final)
+        ids, sentinels = tk.native_special_ids(tok)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+    else:
+        tok = tk.load_user_tokenizer(final)
+        ids, sentinels = tk.special_ids(tok)
+        vocab = len(tok)
+    return {"dir": "tokenizer", "trained": trained, "vocab_size": vocab, "special_ids": ids,
+            "sentinel_ids": sentinels, "name": name, "fingerprint": tokenizer_fingerprint(tok)}
 
 
 def tokenizer_report(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: Path, max_texts: int = 2000) -> dict:
@@ -78,7 +84,9 @@ def tokenizer_report(doc_paths: list[str], cfg: ShardConfig, cut: int, out_dir: 
     words ours keeps whole where the general one splits them."""
     from tasks import tokenizer as tk
 
-    ours = tk.load_user_tokenizer(out_dir / "tokenizer").backend_tokenizer
+    folder = out_dir / "tokenizer"
+    ours = tk.load_trained(folder) if (folder / "tokenizer.json").is_file() else \
+        tk.load_user_tokenizer(folder).backend_tokenizer
     if cfg.compare_tokenizer:
         general, general_name = tk.load_user_tokenizer(cfg.compare_tokenizer).backend_tokenizer, cfg.compare_tokenizer
     else:

@@ -36,14 +36,46 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, n_senti
     return tok
 
 
-def save_hf(tok, out_dir: Path, n_sentinels: int) -> None:
-    """Save as a transformers tokenizer folder (tokenizer.json + tokenizer_config.json)."""
-    from transformers import PreTrainedTokenizerFast
+def hf_config(n_sentinels: int) -> dict:
+    """tokenizer_config.json as transformers' `PreTrainedTokenizerFast.save_pretrained` writes it for
+    ours (tests/test_general_tokenizer.py compares the two, so a transformers upgrade that changes it fails there)."""
+    return {"backend": "tokenizers", "clean_up_tokenization_spaces": False, "eos_token": EOS,
+            "extra_special_tokens": [sentinel(i) for i in range(n_sentinels)], "mask_token": MASK,
+            "model_max_length": 1 << 30, "pad_token": PAD, "tokenizer_class": "TokenizersBackend"}
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, mask_token=MASK,
-                                 additional_special_tokens=[sentinel(i) for i in range(n_sentinels)],
-                                 clean_up_tokenization_spaces=False, model_max_length=1 << 30)
-    hf.save_pretrained(str(out_dir))
+
+def save_hf(tok, out_dir: Path, n_sentinels: int) -> None:
+    """Save as a transformers tokenizer folder (tokenizer.json + tokenizer_config.json), written
+    directly: going through transformers imports torch, ~350 MiB and seconds of CPU in a run that
+    never needs it."""
+    import json
+
+    from tokenizers.processors import TemplateProcessing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # what transformers sets on a tokenizer without one: the identity, made explicit
+    tok.post_processor = TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(hf_config(n_sentinels), indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_trained(folder: Path):
+    """Our own saved tokenizer as a `tokenizers.Tokenizer` (no transformers import)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+
+
+def native_special_ids(tok) -> tuple[dict, list[int]]:
+    """special_ids for a `tokenizers.Tokenizer` that carries our special tokens."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if EOS not in vocab:
+        raise ValueError("the tokenizer has no end-of-text token: documents cannot be separated")
+    sentinels = []
+    while sentinel(len(sentinels)) in vocab:
+        sentinels.append(vocab[sentinel(len(sentinels))])
+    return {"eos": vocab[EOS], "pad": vocab.get(PAD, vocab[EOS]), "mask": vocab.get(MASK)}, sentinels
 
 
 def load_user_tokenizer(path: str | Path):

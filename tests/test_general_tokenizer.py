@@ -25,3 +25,30 @@ def test_an_unwritable_cache_costs_time_not_the_report(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("REFINERY_CACHE", str(blocker))  # a file where the folder should be
     assert general_tokenizer(1024, 4).get_vocab_size() == 1024
+
+
+def test_our_saved_folder_is_what_transformers_writes(tmp_path, sample_dir):
+    """save_hf writes the Hugging Face folder itself (transformers would pull torch into the run):
+    it must be what `PreTrainedTokenizerFast.save_pretrained` writes, and load and encode the same."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from core.shard_format import EOS, MASK, PAD, sentinel
+    from tasks.tokenizer import native_special_ids, load_trained, save_hf, special_ids, train_bpe
+
+    pages = sorted((sample_dir / "curation" / "reference" / "inaugural").glob("*.txt"))[:6]
+    texts = [p.read_text(encoding="utf-8") for p in pages]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    save_hf(train_bpe(texts, 700, 2, 4), ours, 4)
+    PreTrainedTokenizerFast(tokenizer_object=train_bpe(texts, 700, 2, 4), eos_token=EOS, pad_token=PAD,
+                            mask_token=MASK, additional_special_tokens=[sentinel(i) for i in range(4)],
+                            clean_up_tokenization_spaces=False, model_max_length=1 << 30).save_pretrained(str(theirs))
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for f in ours.iterdir():
+        assert json.loads(f.read_text()) == json.loads((theirs / f.name).read_text()), f.name
+    hf = AutoTokenizer.from_pretrained(str(ours))
+    sample = texts[0][:2000] + " ünïcödé 🦀 <|endoftext|>"
+    assert hf(sample, add_special_tokens=False)["input_ids"] == load_trained(ours).encode(sample).ids
+    assert native_special_ids(load_trained(ours)) == special_ids(hf)
+    assert len(hf) == load_trained(ours).get_vocab_size(with_added_tokens=True)
