@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.io import file_sha256
+from core.memory import release as release_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,4 +132,5 @@ def map_shards(task, arg_lists: list[tuple], on_result=None, **options) -> list[
         faults.maybe_kill(task.name)   # chaos drills: die with this shard done, the next ones not
     get_run_logger().info("%s: %d task runs, %d from cache, %d computed", task.name, len(arg_lists), cached,
                           len(arg_lists) - cached)
+    release_memory()   # a phase is over: its freed heap would otherwise add to the next phase's peak
     return results

@@ -19,6 +19,7 @@ from core.guard import confine
 from flows.runners import task_runner_for, with_concurrency  # noqa: F401 - the CLI's and serve's import
 from core.retry import retry_options
 from tasks.extract import extract_shard, shard_inputs
+from tasks.workers import close_all as close_idle_pools
 from core.io import exclusive_dir, write_text_atomic
 
 
@@ -62,6 +63,9 @@ def _extract(inputs: list[str], out: Path, config: RefineryConfig) -> dict:
         args.append((str(p), sha, str(out), shard_name(p, sha), config.extract))
     results = map_shards(extract_shard_task, args, **retry_options(runner),
                          on_result=lambda i, n: update_progress_artifact(progress, 100.0 * i / n))
+    # the stage is over: its idle parser processes (~120 MiB each) would otherwise sit beside
+    # curation and tokenizer training, the run's memory peak
+    close_idle_pools()
     summary = summarize(results)
     write_text_atomic(json.dumps(summary, indent=2), out / "extract_summary.json")
     create_table_artifact(key="extract-counts", table=count_table(results, summary),

@@ -224,6 +224,7 @@ def borrow_pool(fn_path: str, options: Any, workers: int, timeout_s: float,
 
 @atexit.register
 def close_all() -> None:
+    """Stop every idle pool (borrowed ones are left to their borrower)."""
     with _lock:
         pools = [p for ps in _free.values() for p in ps]
         _free.clear()
