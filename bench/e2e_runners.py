@@ -88,6 +88,10 @@ def child_ours(args) -> None:
             counts.update(train_steps=tr.steps, train_tokens_seen=tr.tokens_seen)
         return str(flow_run.id)
 
+    if cfg.runner.kind == "threads":   # as `refinery run` does (flows/cli.py), before the API starts
+        from tasks.extract import prestart_workers
+
+        prestart_workers(cfg.extract)
     run_id = with_concurrency(e2e, cfg)()
     t_end = time.time()
     cached = count_cached(run_id)

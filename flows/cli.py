@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if watched:   # a real server: its crash automation (flows/crash.py) judges this run as a served one
         os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.serve.heartbeat_s))
     server = None if watched else _start_embedded_api()
+    if args.command in ("run", "extract") and cfg.runner.kind == "threads":
+        from tasks.extract import prestart_workers
+
+        prestart_workers(cfg.extract)   # they import and warm up beside the API's start-up
     from flows import progress  # Prefect imports are slow; only pay for them when working
 
     from core.shard_format import ShardError

@@ -26,7 +26,7 @@ from core.media import EXTRACTABLE_TYPES, media_type
 from core.rejects import EXTRACT_REJECTS
 from core.text import count_words
 from tasks.warc import ReadStats, Record, file_problem, iter_records, looks_like_warc
-from tasks.workers import ItemFailed, borrow_pool
+from tasks.workers import ItemFailed, borrow_pool, prestart
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 # in a folder, a file named like a WARC is an input even when its content is not one, so a
@@ -238,6 +238,17 @@ def _reject(rec: Record, source: str, reason: str, detail: str) -> dict:
             "n_bytes": len(rec.payload) if rec.payload_size is None else rec.payload_size}
 
 
+def _pool_args(cfg: ExtractConfig) -> tuple:
+    return "tasks.extract:extract_page", cfg.model_dump(mode="json"), cfg.workers, cfg.timeout_s, cfg.worker_max_pages
+
+
+def prestart_workers(cfg: ExtractConfig) -> None:
+    """Start the extraction workers of this process's first shard now. Each imports trafilatura and
+    parses a warm-up page (~1 s of one core); started beside Prefect's API start-up, which keeps
+    one core busy for several seconds, that second is off the extract stage's wall time."""
+    prestart(*_pool_args(cfg), warmup=(WARMUP_PAGE, "https://example.org/"))
+
+
 def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, cfg: ExtractConfig,
                   on_progress=None) -> ShardResult:
     """Extract every page of one input into out_dir/docs/<shard>.parquet and
@@ -290,8 +301,7 @@ def extract_shard(input_path: str | Path, out_dir: str | Path, shard_name: str, 
             meta[key] = (rec, source, charset)
             yield key, (text, rec.url)
 
-    with borrow_pool("tasks.extract:extract_page", cfg.model_dump(mode="json"), cfg.workers,
-                     cfg.timeout_s, cfg.worker_max_pages, warmup=(WARMUP_PAGE, "https://example.org/")) as pool:
+    with borrow_pool(*_pool_args(cfg), warmup=(WARMUP_PAGE, "https://example.org/")) as pool:
         for key, result in pool.imap_unordered(jobs()):
             rec, source, charset = meta.pop(key)
             if isinstance(result, ItemFailed):

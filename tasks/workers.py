@@ -128,8 +128,7 @@ class TimeoutPool:
         """Yield (key, result or ItemFailed) as items finish. At most one item per worker is
         in flight and one more per worker prepared, so memory stays flat whatever the input."""
         it = iter(items)
-        while len(self.idle) < self.n:
-            self.idle.append(_Worker(self.fn_path, self.options, self.warmup))
+        self.start()
         idle, busy = self.idle, {}
         ready: deque = deque()  # items prepared while workers are busy: the parent's reading and
         exhausted = False        # decoding overlaps the workers' parsing instead of alternating
@@ -192,6 +191,11 @@ class TimeoutPool:
             while len(idle) > self.n:
                 idle.pop().stop()
 
+    def start(self) -> None:
+        """Spawn the missing workers without waiting for them: they import and warm up meanwhile."""
+        while len(self.idle) < self.n:
+            self.idle.append(_Worker(self.fn_path, self.options, self.warmup))
+
     def _replace(self) -> _Worker:
         self.restarts += 1
         return _Worker(self.fn_path, self.options, self.warmup)
@@ -205,11 +209,25 @@ _lock = threading.Lock()
 _free: dict[str, list[TimeoutPool]] = {}
 
 
+def _key(fn_path: str, options: Any, workers: int, timeout_s: float, max_items_per_worker: int) -> str:
+    return json.dumps([fn_path, options, workers, timeout_s, max_items_per_worker], sort_keys=True, default=str)
+
+
+def prestart(fn_path: str, options: Any, workers: int, timeout_s: float,
+             max_items_per_worker: int = 2000, warmup: tuple | None = None) -> None:
+    """Start the pool that the next `borrow_pool` with these arguments will get, and return at once:
+    its workers import and warm up while the caller does something else (Prefect's API start)."""
+    pool = TimeoutPool(fn_path, options, workers, timeout_s, max_items_per_worker, warmup)
+    pool.start()
+    with _lock:
+        _free.setdefault(_key(fn_path, options, workers, timeout_s, max_items_per_worker), []).append(pool)
+
+
 @contextmanager
 def borrow_pool(fn_path: str, options: Any, workers: int, timeout_s: float,
                 max_items_per_worker: int = 2000, warmup: tuple | None = None) -> Iterator[TimeoutPool]:
     """A warm pool for exclusive use; returned for reuse by the next shard."""
-    key = json.dumps([fn_path, options, workers, timeout_s, max_items_per_worker], sort_keys=True, default=str)
+    key = _key(fn_path, options, workers, timeout_s, max_items_per_worker)
     with _lock:
         pool = _free.get(key, []).pop() if _free.get(key) else None
     pool = pool or TimeoutPool(fn_path, options, workers, timeout_s, max_items_per_worker, warmup)

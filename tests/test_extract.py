@@ -11,7 +11,7 @@ import trafilatura
 from core.config import ExtractConfig
 from tasks.extract import extract_shard, payload_to_html
 from tasks.warc import iter_records
-from tasks.workers import ItemFailed, TimeoutPool
+from tasks.workers import ItemFailed, TimeoutPool, borrow_pool, close_all, prestart
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample"
 
@@ -81,6 +81,23 @@ def test_timeout_kills_a_hung_page_and_the_rest_go_on():
     assert isinstance(out[5], ItemFailed) and "ValueError" in out[5].detail
     assert elapsed < 10
 
+
+
+def test_a_prestarted_pool_is_the_one_the_first_shard_borrows():
+    """`refinery run` starts the extraction workers beside Prefect's API start-up: the first shard
+    must get those very processes, not start two more."""
+    close_all()
+    prestart("tests.hang:work", {"k": 1}, 2, 5.0)
+    with borrow_pool("tests.hang:work", {"k": 1}, 2, 5.0) as pool:
+        started = {w.proc.pid for w in pool.idle}
+        procs = [w.proc for w in pool.idle]
+        assert len(started) == 2
+        assert dict(pool.imap_unordered([(i, (x,)) for i, x in enumerate("abc")])) == {0: "A", 1: "B", 2: "C"}
+        assert {w.proc.pid for w in pool.idle} == started and pool.restarts == 0
+    with borrow_pool("tests.hang:work", {"k": 2}, 2, 5.0) as other:   # other options: another pool
+        assert not other.idle
+    close_all()   # what the extract stage does when it ends: the workers exit
+    assert all(p.poll() is not None for p in procs)
 
 _ORPHAN = """
 import os, signal, sys, threading, time
