@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -157,41 +159,67 @@ def train_quality(positives: list[str], crawl: list[str], cfg: QualityConfig, ou
                          f"{len(crawl)} crawl documents, {len(background)} background texts)")
     t0 = time.perf_counter()
     out = Path(out_path)
+    pool = crawl_negs + bg_negs                    # every negative; the models below train on subsets
+    fit = _fitter(mod, params, positives, pool)
+    all_pos = np.arange(len(positives))
+    crawl_idx, bg_idx = np.arange(len(crawl_negs)), np.arange(len(crawl_negs), len(pool))
     dropped = 0
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         scratch = Path(tmp) / out.name
-        for _ in range(cfg.pu_rounds if crawl_negs else 0):
-            mod.train(positives, crawl_negs + bg_negs, scratch, **params)
+        for _ in range(cfg.pu_rounds if len(crawl_idx) else 0):
+            fit(all_pos, np.r_[crawl_idx, bg_idx], scratch)
             cutoff = np.quantile(mod.score(scratch, positives), 0.1)
-            keep = mod.score(scratch, crawl_negs) < cutoff
+            keep = mod.score(scratch, [pool[i] for i in crawl_idx]) < cutoff
             dropped += int((~keep).sum())
-            crawl_negs = [t for t, k in zip(crawl_negs, keep) if k]
-            ids = [i for i, k in zip(ids, keep) if k] if ids is not None else None
-        negatives = crawl_negs + bg_negs
-        holdout = _holdout_auc(mod, params, positives, negatives, scratch)
-    info = mod.train(positives, negatives, out, **params)
-    folds = []
-    if cfg.crossfit_folds > 1 and ids:
-        for k in range(cfg.crossfit_folds):
-            rest = [t for t, i in zip(crawl_negs, ids) if fold_of(i, cfg.crossfit_folds) != k]
-            mod.train(positives, rest + bg_negs, fold_path(out, k), **params)
-            folds.append(str(fold_path(out, k)))
+            crawl_idx = crawl_idx[keep]
+        neg_idx = np.r_[crawl_idx, bg_idx]
+        jobs = {"holdout": lambda: _holdout_auc(mod, fit, positives, pool, neg_idx, scratch),
+                "main": lambda: fit(all_pos, neg_idx, out)}
+        folds = []
+        if cfg.crossfit_folds > 1 and ids:
+            fold = np.array([fold_of(ids[i], cfg.crossfit_folds) for i in crawl_idx], dtype=np.int64)
+            for k in range(cfg.crossfit_folds):
+                rest = np.r_[crawl_idx[fold != k], bg_idx]
+                jobs[k] = lambda rest=rest, k=k: fit(all_pos, rest, fold_path(out, k))
+                folds.append(str(fold_path(out, k)))
+        # models trained out of process (fastText: single-threaded, seeded) give the same bytes side by
+        # side as one after another; in-process ones stay sequential (BLAS thread limits are per process)
+        workers = min(len(jobs), _cores()) if getattr(mod, "TRAINS_OUT_OF_PROCESS", False) else 1
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            done = {name: ex.submit(job) for name, job in jobs.items()}
+            holdout, info = done["holdout"].result(), done["main"].result()
+            for f in done.values():
+                f.result()
     return {**info, "fit_seconds": info.get("train_seconds"), "method": cfg.method, "negatives": cfg.negatives,
-            "n_pos": len(positives), "n_neg": len(negatives), "n_neg_crawl": len(crawl_negs),
-            "n_neg_background": len(bg_negs), "pu_rounds": cfg.pu_rounds, "pu_dropped": dropped, **holdout,
+            "n_pos": len(positives), "n_neg": len(neg_idx), "n_neg_crawl": len(crawl_idx),
+            "n_neg_background": len(bg_idx), "pu_rounds": cfg.pu_rounds, "pu_dropped": dropped, **holdout,
             "fold_paths": folds, "train_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _holdout_auc(mod, params: dict, positives: list[str], negatives: list[str], scratch: Path) -> dict:
-    hp = [_held_out(t) for t in positives]
-    hn = [_held_out(t) for t in negatives]
+def _fitter(mod, params: dict, positives: list[str], negatives: list[str]):
+    """fit(positive rows, negative rows, path): one model on subsets of the texts. A method with
+    `counts` and `train_counts` (tfidf) featurises every text once, here, and each model slices rows:
+    the same matrices, so the same models, as featurising each subset again (a third of the CPU)."""
+    if hasattr(mod, "train_counts"):
+        pos, neg = mod.counts(positives), mod.counts(negatives)
+        return lambda pi, ni, path: mod.train_counts(pos[pi], neg[ni], path, **params)
+    return lambda pi, ni, path: mod.train([positives[i] for i in pi], [negatives[i] for i in ni], path, **params)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _holdout_auc(mod, fit, positives: list[str], negatives: list[str], neg_idx: np.ndarray,
+                 scratch: Path) -> dict:
+    """ROC-AUC on a fifth of each side (by a hash of the text) of a model trained on the rest."""
+    hp = np.array([_held_out(t) for t in positives], dtype=bool)
+    hn = np.array([_held_out(negatives[i]) for i in neg_idx], dtype=bool)
     pos_test = [t for t, h in zip(positives, hp) if h]
-    neg_test = [t for t, h in zip(negatives, hn) if h]
-    pos_train = [t for t, h in zip(positives, hp) if not h]
-    neg_train = [t for t, h in zip(negatives, hn) if not h]
-    if min(len(pos_test), len(neg_test)) < 3 or not pos_train or not neg_train:
+    neg_test = [negatives[i] for i in neg_idx[hn]]
+    if min(len(pos_test), len(neg_test)) < 3 or hp.all() or hn.all():
         return {"holdout_auc": None, "holdout_pos": len(pos_test), "holdout_neg": len(neg_test)}
-    mod.train(pos_train, neg_train, scratch, **params)
+    fit(np.flatnonzero(~hp), neg_idx[~hn], scratch)
     s = np.r_[mod.score(scratch, pos_test), mod.score(scratch, neg_test)]
     auc = ft.roc_auc(np.r_[np.ones(len(pos_test)), np.zeros(len(neg_test))], s)
     return {"holdout_auc": round(auc, 4), "holdout_pos": len(pos_test), "holdout_neg": len(neg_test)}

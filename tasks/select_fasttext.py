@@ -7,6 +7,7 @@ import numpy as np
 from tasks import fasttext_model as ft
 
 METHOD = "fasttext"
+TRAINS_OUT_OF_PROCESS = True   # each model in its own single-threaded process (tasks.fasttext_model)
 HIGH, LOW = "hq", "lq"
 # documents are scored (and negatives trained) on their first this-many words: fastText averages
 # word vectors, so this bounds cost without changing what it sees much

@@ -108,3 +108,29 @@ def test_fasttext_method_still_separates_quality(tmp_path):
     assert ft.load(tmp_path / "m0.bin").get_labels() and method_of(tmp_path / "m0.bin") == "fasttext"
     s_pos, s_neg = score_quality(tmp_path / "m0.bin", texts[1::2]), score_quality(tmp_path / "m0.bin", snippets)
     assert ft.roc_auc(np.r_[np.ones(len(s_pos)), np.zeros(len(s_neg))], np.r_[s_pos, s_neg]) > 0.95
+
+
+@pytest.mark.parametrize("method", ["tfidf", "fasttext"])
+def test_each_model_is_its_subset_trained_alone(tmp_path, method):
+    """train_quality featurises once (tfidf) or trains side by side (fastText) and slices rows for the
+    main and cross-fit models: each must be, byte for byte, the model trained alone on its subset."""
+    import importlib
+
+    from tasks.quality import METHODS, fold_of, fold_path
+
+    cfg = QualityConfig(method=method, crossfit_folds=2)
+    pos = load_reference([str(REF / "inaugural")], cfg.chunk_words)[:150]
+    crawl = _neg_split()[0][:240]
+    ids = [f"doc-{i}" for i in range(len(crawl))]
+    out = tmp_path / ("q.bin" if method == "fasttext" else "q.npz")
+    m = train_quality(pos, crawl, cfg, out, crawl_ids=ids)
+    assert m["n_neg"] == len(crawl) and len(m["fold_paths"]) == 2 and m["holdout_auc"] > 0.8
+    mod = importlib.import_module(METHODS[method])
+    params = {"seed": cfg.seed, "lr": cfg.lr, "epoch": cfg.epoch, "dim": cfg.dim, "word_ngrams": cfg.word_ngrams,
+              "bucket": cfg.bucket, "c": cfg.tfidf_c}
+    mod.train(pos, crawl, tmp_path / f"alone{out.suffix}", **params)
+    assert (tmp_path / f"alone{out.suffix}").read_bytes() == out.read_bytes()
+    for k in range(2):
+        rest = [t for t, i in zip(crawl, ids) if fold_of(i, 2) != k]
+        mod.train(pos, rest, tmp_path / f"alone{k}{out.suffix}", **params)
+        assert (tmp_path / f"alone{k}{out.suffix}").read_bytes() == fold_path(out, k).read_bytes()
