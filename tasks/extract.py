@@ -6,6 +6,7 @@ Pages are parsed in worker processes with a hard per-page deadline (tasks/worker
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -96,11 +97,28 @@ def parse_time(value: str | None) -> datetime | None:
         return None
 
 
+@functools.cache
+def _plain_element_classes() -> None:
+    """lxml.html's parser picks each element's Python class by calling a Python `lookup` per element
+    proxy (a million calls for 400 pages, ~6% of extraction CPU) only to give forms and inputs their
+    own classes, which trafilatura never uses. The same HtmlElement classes from lxml's C lookup:
+    identical text, titles and dates on 844 pages (the 1x bench corpus and the bundled WARCs), 0.8 ms
+    less CPU a page. Set on trafilatura's parser in the process that extracts (a worker)."""
+    from lxml import etree, html
+    from trafilatura.utils import HTML_PARSER
+
+    HTML_PARSER.set_element_class_lookup(etree.ElementDefaultClassLookup(
+        element=html.HtmlElement, comment=html.HtmlComment, pi=html.HtmlProcessingInstruction,
+        entity=html.HtmlEntity))
+
+
 def extract_html(html: str, url: str, opts: dict) -> dict | None:
     """Main text, title and date of one page. Runs inside a worker process. The page is
     parsed once; trafilatura extracts from a copy, the metadata is read from the original."""
     import trafilatura
     from trafilatura.utils import load_html
+
+    _plain_element_classes()
 
     full = opts["metadata"] == "full"
     tree = html if full else load_html(html)
