@@ -72,10 +72,15 @@ def native_special_ids(tok) -> tuple[dict, list[int]]:
     vocab = tok.get_vocab(with_added_tokens=True)
     if EOS not in vocab:
         raise ValueError("the tokenizer has no end-of-text token: documents cannot be separated")
-    sentinels = []
-    while sentinel(len(sentinels)) in vocab:
-        sentinels.append(vocab[sentinel(len(sentinels))])
-    return {"eos": vocab[EOS], "pad": vocab.get(PAD, vocab[EOS]), "mask": vocab.get(MASK)}, sentinels
+    return {"eos": vocab[EOS], "pad": vocab.get(PAD, vocab[EOS]), "mask": vocab.get(MASK)}, _sentinel_ids(vocab)
+
+
+def _sentinel_ids(vocab: dict[str, int]) -> list[int]:
+    """Ids of <extra_id_0>, <extra_id_1>, ... as long as they run unbroken."""
+    ids = []
+    while sentinel(len(ids)) in vocab:
+        ids.append(vocab[sentinel(len(ids))])
+    return ids
 
 
 def load_user_tokenizer(path: str | Path):
@@ -104,10 +109,7 @@ def special_ids(hf) -> tuple[dict, list[int]]:
         raise ValueError("the tokenizer has no end-of-text token (eos_token): documents cannot be separated")
     pad = hf.pad_token_id if hf.pad_token_id is not None else eos
     mask = hf.mask_token_id if hf.mask_token_id is not None else vocab.get(MASK)
-    sentinels = []
-    while sentinel(len(sentinels)) in vocab:
-        sentinels.append(vocab[sentinel(len(sentinels))])
-    return {"eos": eos, "pad": pad, "mask": mask}, sentinels
+    return {"eos": eos, "pad": pad, "mask": mask}, _sentinel_ids(vocab)
 
 
 def compression(tok, texts: list[str]) -> dict:

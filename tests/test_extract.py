@@ -82,7 +82,6 @@ def test_timeout_kills_a_hung_page_and_the_rest_go_on():
     assert elapsed < 10
 
 
-
 def test_a_prestarted_pool_is_the_one_the_first_shard_borrows():
     """`refinery run` starts the extraction workers beside Prefect's API start-up: the first shard
     must get those very processes, not start two more."""
@@ -98,6 +97,7 @@ def test_a_prestarted_pool_is_the_one_the_first_shard_borrows():
         assert not other.idle
     close_all()   # what the extract stage does when it ends: the workers exit
     assert all(p.poll() is not None for p in procs)
+
 
 _ORPHAN = """
 import os, signal, sys, threading, time

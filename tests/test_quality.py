@@ -114,9 +114,7 @@ def test_fasttext_method_still_separates_quality(tmp_path):
 def test_each_model_is_its_subset_trained_alone(tmp_path, method):
     """train_quality featurises once (tfidf) or trains side by side (fastText) and slices rows for the
     main and cross-fit models: each must be, byte for byte, the model trained alone on its subset."""
-    import importlib
-
-    from tasks.quality import METHODS, fold_of, fold_path
+    from tasks.quality import _module, _params, fold_of, fold_path
 
     cfg = QualityConfig(method=method, crossfit_folds=2)
     pos = load_reference([str(REF / "inaugural")], cfg.chunk_words)[:150]
@@ -125,9 +123,7 @@ def test_each_model_is_its_subset_trained_alone(tmp_path, method):
     out = tmp_path / ("q.bin" if method == "fasttext" else "q.npz")
     m = train_quality(pos, crawl, cfg, out, crawl_ids=ids)
     assert m["n_neg"] == len(crawl) and len(m["fold_paths"]) == 2 and m["holdout_auc"] > 0.8
-    mod = importlib.import_module(METHODS[method])
-    params = {"seed": cfg.seed, "lr": cfg.lr, "epoch": cfg.epoch, "dim": cfg.dim, "word_ngrams": cfg.word_ngrams,
-              "bucket": cfg.bucket, "c": cfg.tfidf_c}
+    mod, params = _module(method), _params(cfg)
     mod.train(pos, crawl, tmp_path / f"alone{out.suffix}", **params)
     assert (tmp_path / f"alone{out.suffix}").read_bytes() == out.read_bytes()
     for k in range(2):
